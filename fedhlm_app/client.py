@@ -1,0 +1,304 @@
+"""fedhlm: the ClientApp (an edge device hosting the SLM).
+
+Message types it answers (all initiated by the ServerApp):
+
+- ``query.setup``: load the local partition, featurize it (cached), report the
+  cluster and sizes;
+- ``train.head``: fit the classification head from the global weights;
+- ``query.escalate``: route the calibration or test items with the current
+  threshold and send the uncertain ones (text, distribution, draft) to the LLM;
+- ``train.threshold``: take local gradient steps on tau with the LLM feedback;
+- ``evaluate.hlm``: combine local answers with the LLM's verified answers and
+  score them.
+
+Node-local state (the head, the threshold tau_i, cached LLM feedback) lives in
+``context.state`` and never leaves the node except as the updates above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedhlm_app import data as data_mod
+from fedhlm_app.config import validate
+from fedhlm_app.features import EncoderSpec, featurize, resolve_cache_dir
+from fedhlm_app.head import HeadConfig, SoftmaxHead, unit_rows
+from fedhlm_app.oracle import EscalationBatch
+from fedhlm_app.partition import calibration_split, cluster_of_partition, partition_clients
+from fedhlm_app.records import arrays_record, pack_escalation, record_arrays, unpack_feedback
+from fedhlm_app.threshold import ThresholdConfig, exploration_mask, local_update, loss, personalize
+from fedhlm_app.uncertainty import get_measure
+
+app = ClientApp()
+
+
+@dataclass(frozen=True)
+class LocalSplit:
+    """A client's items: unit embeddings, labels and texts."""
+
+    x: np.ndarray
+    y: np.ndarray
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class LocalData:
+    fit: LocalSplit
+    calibration: LocalSplit
+    test: LocalSplit
+    num_classes: int
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def _data_args(cfg: dict[str, Any]) -> tuple:
+    return (cfg["data-source"], cfg["hub-dataset"], cfg["data-dir"], cfg["train-file"], cfg["test-file"])
+
+
+@lru_cache(maxsize=2)
+def _dataset(args: tuple, max_train: int, max_test: int, seed: int) -> data_mod.Dataset:
+    ds = data_mod.load_dataset(*args)
+    return data_mod.Dataset(
+        data_mod.truncate(ds.train, max_train, seed), data_mod.truncate(ds.test, max_test, seed), ds.class_names, ds.source
+    )
+
+
+def load_server_dataset(cfg: dict[str, Any]) -> data_mod.Dataset:
+    """The dataset as configured (shared with the ServerApp's labels oracle)."""
+    return _dataset(_data_args(cfg), cfg["max-train-items"], cfg["max-test-items"], cfg["seed"])
+
+
+@lru_cache(maxsize=2)
+def _partitions(args: tuple, max_train: int, max_test: int, seed: int, n: int, alpha: float, cal: float, min_size: int):
+    ds = _dataset(args, max_train, max_test, seed)
+    return partition_clients(ds.train.labels, ds.test.labels, n, alpha, seed, cal, min_size)
+
+
+def _encode(split: data_mod.Split, cfg: dict[str, Any], label: str) -> LocalSplit:
+    spec = EncoderSpec(cfg["slm-model"], cfg["max-length"], cfg["precision"], cfg["batch-size"])
+    x = featurize(split.texts, spec, resolve_cache_dir(cfg["cache-dir"]), progress=label)
+    return LocalSplit(unit_rows(x), split.labels, split.texts)
+
+
+@lru_cache(maxsize=64)
+def _local_data_cached(cfg_items: tuple, partition_id: int, num_partitions: int, data_path: str) -> LocalData:
+    cfg = dict(cfg_items)
+    if data_path:
+        # Deployment: the node holds its own data (train/test CSVs) in data_path.
+        ds = data_mod.load_local(Path(data_path), cfg["train-file"], cfg["test-file"])
+        fit_rows, cal_rows = calibration_split(np.arange(len(ds.train)), cfg["calibration-fraction"], cfg["seed"], partition_id)
+        train, test, num_classes = ds.train, ds.test, ds.num_classes
+        test_rows = np.arange(len(test))
+    else:
+        ds = load_server_dataset(cfg)
+        part = _partitions(
+            _data_args(cfg), cfg["max-train-items"], cfg["max-test-items"], cfg["seed"], num_partitions,
+            cfg["dirichlet-alpha"], cfg["calibration-fraction"], cfg["min-partition-size"],
+        )[partition_id]
+        train, test, num_classes = ds.train, ds.test, ds.num_classes
+        fit_rows, cal_rows, test_rows = part.fit, part.calibration, part.test
+    tag = f"client {partition_id}"
+    return LocalData(
+        fit=_encode(train.subset(fit_rows), cfg, f"{tag} fit"),
+        calibration=_encode(train.subset(cal_rows), cfg, f"{tag} calibration"),
+        test=_encode(test.subset(test_rows), cfg, f"{tag} test"),
+        num_classes=num_classes,
+    )
+
+
+def _partition(context: Context, cfg: dict[str, Any]) -> tuple[int, int]:
+    nc = context.node_config
+    return int(nc.get("partition-id", 0)), int(nc.get("num-partitions", cfg["num-clients"]))
+
+
+def local_data(context: Context, cfg: dict[str, Any]) -> LocalData:
+    """This node's data, featurized; cached per process (Ray actors serve many nodes)."""
+    pid, n = _partition(context, cfg)
+    return _local_data_cached(tuple(sorted(cfg.items())), pid, n, str(context.node_config.get("data-path", "")))
+
+
+def cluster_id(context: Context, cfg: dict[str, Any]) -> int:
+    """Deployment: ``cluster-id`` from the node config; simulation: a rule on partition-id."""
+    if "cluster-id" in context.node_config:
+        return int(context.node_config["cluster-id"])
+    pid, n = _partition(context, cfg)
+    return cluster_of_partition(pid, n, cfg["num-clusters"])
+
+
+# ---- node-local state ---------------------------------------------------------------------------
+
+
+def _head(context: Context, data: LocalData) -> SoftmaxHead:
+    head = SoftmaxHead(data.fit.x.shape[1], data.num_classes)
+    if "head" in context.state:
+        head.set_params(record_arrays(context.state["head"]))
+    return head
+
+
+def _tau(context: Context) -> float | None:
+    return float(context.state["threshold"]["tau"]) if "threshold" in context.state else None
+
+
+def _set_tau(context: Context, tau: float) -> None:
+    context.state["threshold"] = MetricRecord({"tau": float(tau)})
+
+
+def _known_feedback(context: Context) -> tuple[np.ndarray, np.ndarray]:
+    if "feedback" not in context.state:
+        return np.zeros(0, np.int64), np.zeros(0)
+    rec = context.state["feedback"]
+    return rec["ids"].numpy(), rec["beta"].numpy().astype(np.float64)
+
+
+def _routing_inputs(context: Context, cfg: dict[str, Any], split: LocalSplit, data: LocalData):
+    probs = _head(context, data).predict_proba(split.x)
+    return probs, get_measure(cfg["uncertainty"])(probs), probs.argmax(axis=1)
+
+
+def _threshold_config(cfg: dict[str, Any]) -> ThresholdConfig:
+    return ThresholdConfig(
+        kappa=cfg["kappa"], lam=cfg["lambda"], lr=cfg["threshold-lr"], local_steps=cfg["threshold-local-steps"]
+    )
+
+
+# ---- handlers -----------------------------------------------------------------------------------
+
+
+@app.query("setup")
+def setup(msg: Message, context: Context) -> Message:
+    """Load and featurize the local data; report cluster and sizes."""
+    cfg = validate(context.run_config)
+    data = local_data(context, cfg)
+    info = ConfigRecord(
+        {
+            "cluster-id": cluster_id(context, cfg),
+            "partition-id": _partition(context, cfg)[0],
+            "n-fit": len(data.fit),
+            "n-calibration": len(data.calibration),
+            "n-test": len(data.test),
+            "num-classes": data.num_classes,
+            "dim": int(data.fit.x.shape[1]),
+        }
+    )
+    return Message(RecordDict({"info": info}), reply_to=msg)
+
+
+@app.train("head")
+def train_head(msg: Message, context: Context) -> Message:
+    """Fit the head on the local fit split, starting from the global weights."""
+    cfg = validate(context.run_config)
+    data = local_data(context, cfg)
+    head = SoftmaxHead(data.fit.x.shape[1], data.num_classes).set_params(record_arrays(msg.content["arrays"]))
+    server_round = int(msg.content["config"]["server-round"])
+    rng = np.random.default_rng([cfg["seed"], _partition(context, cfg)[0], server_round])
+    head.fit(data.fit.x, data.fit.y, HeadConfig(epochs=cfg["head-epochs"], lr=cfg["head-lr"], l2=cfg["head-l2"]), rng)
+    accuracy = float(np.mean(head.predict_proba(data.fit.x).argmax(1) == data.fit.y)) if len(data.fit) else 0.0
+    metrics = MetricRecord(
+        {"num-examples": len(data.fit), "train-loss": head.log_loss(data.fit.x, data.fit.y), "train-accuracy": accuracy}
+    )
+    return Message(RecordDict({"arrays": arrays_record(head.get_params()), "metrics": metrics}), reply_to=msg)
+
+
+@app.query("escalate")
+def escalate(msg: Message, context: Context) -> Message:
+    """Route one split with the current threshold and return the items for the LLM.
+
+    Calibration (training): the client first moves tau_i towards the server's
+    reference, then sends its escalated items plus an exploration band below
+    tau, skipping items whose feedback it already has (the head is fixed, so
+    the LLM's verdict on an item does not change). Test (inference): it sends
+    exactly the items the policy's threshold escalates.
+    """
+    cfg = validate(context.run_config)
+    data = local_data(context, cfg)
+    if "arrays" in msg.content:  # the final head, sent once before threshold learning
+        context.state["head"] = msg.content["arrays"]
+    conf = msg.content["config"]
+    split_name = str(conf["split"])
+    split = data.calibration if split_name == "calibration" else data.test
+    probs, h, drafts = _routing_inputs(context, cfg, split, data)
+    if split_name == "calibration":
+        reference = float(conf["tau-reference"])
+        current = _tau(context)
+        tau = reference if current is None else personalize(current, reference, cfg["personalization-alpha"])
+        _set_tau(context, tau)
+        known, _ = _known_feedback(context)
+        mask = exploration_mask(h, tau, cfg["exploration-band"])
+        mask[known] = False
+    else:
+        tau = float(conf["tau"])
+        if bool(conf["own-threshold"]):
+            current = _tau(context)
+            tau = float(conf["tau-reference"]) if current is None else personalize(current, float(conf["tau-reference"]), cfg["personalization-alpha"])
+        mask = h > tau
+    ids = np.flatnonzero(mask)
+    batch = EscalationBatch(ids=ids, texts=[split.texts[i] for i in ids], probs=probs[ids], drafts=drafts[ids])
+    content = pack_escalation(batch)
+    content["metrics"] = MetricRecord({"num-items": len(split), "num-escalated": len(ids), "tau": float(tau)})
+    return Message(content, reply_to=msg)
+
+
+@app.train("threshold")
+def train_threshold(msg: Message, context: Context) -> Message:
+    """Merge the LLM feedback and take local gradient steps on tau_i."""
+    cfg = validate(context.run_config)
+    data = local_data(context, cfg)
+    ids, verdict = unpack_feedback(msg.content["feedback"])
+    known_ids, known_beta = _known_feedback(context)
+    all_ids = np.concatenate([known_ids, ids])
+    all_beta = np.concatenate([known_beta, verdict.beta])
+    context.state["feedback"] = ArrayRecord({"ids": Array(all_ids.astype(np.int64)), "beta": Array(all_beta.astype(np.float32))})
+    _, h, _ = _routing_inputs(context, cfg, data.calibration, data)
+    tcfg = _threshold_config(cfg)
+    tau = _tau(context)
+    n = max(len(data.calibration), 1)
+    h_known = h[all_ids]
+    loss_before = loss(tau, h_known, all_beta, tcfg.lam, tcfg.kappa, n)
+    tau = local_update(tau, h_known, all_beta, tcfg, n)
+    _set_tau(context, tau)
+    metrics = MetricRecord(
+        {
+            "num-examples": len(data.calibration),
+            "loss-before": loss_before,
+            "loss": loss(tau, h_known, all_beta, tcfg.lam, tcfg.kappa, n),
+            "escalation-rate": float(np.mean(h > tau)) if len(h) else 0.0,
+            "feedback-items": len(all_ids),
+        }
+    )
+    return Message(RecordDict({"arrays": arrays_record([np.array([tau], dtype=np.float64)]), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate("hlm")
+def evaluate_hlm(msg: Message, context: Context) -> Message:
+    """Score the HLM answers: the SLM draft where local, the LLM's answer where escalated."""
+    cfg = validate(context.run_config)
+    data = local_data(context, cfg)
+    _, _, drafts = _routing_inputs(context, cfg, data.test, data)
+    ids, verdict = unpack_feedback(msg.content["feedback"])
+    final = drafts.copy()
+    final[ids] = verdict.final
+    local = np.ones(len(final), dtype=bool)
+    local[ids] = False
+    y = data.test.y
+    metrics = MetricRecord(
+        {
+            "num-examples": len(y),
+            "correct": int(np.sum(final == y)),
+            "escalated": int(len(ids)),
+            "accepted": int(np.sum(verdict.accepted)),
+            "local-correct": int(np.sum((final == y) & local)),
+            "slm-correct": int(np.sum(drafts == y)),
+        }
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

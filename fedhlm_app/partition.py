@@ -1,0 +1,101 @@
+"""Federated partitioning: Dirichlet label skew, matching test split, clusters.
+
+- Train rows go to ``N`` clients with flwr-datasets' ``DirichletPartitioner``
+  (label skew controlled by ``alpha``; ``alpha = inf`` gives IID).
+- Test rows are split with the *same* label skew: each class's test rows are
+  divided among clients in proportion to each client's share of that class in
+  the train split, so a client's test label mix equals its train label mix.
+- Each client keeps a seeded calibration fraction of its train rows apart for
+  threshold learning; the head is fitted on the rest.
+- In simulation a client's cluster is a contiguous block of partition ids
+  (``pid * M // N``); deployments set ``cluster-id`` in the node config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClientIndices:
+    """Row indices (into the full train/test splits) owned by one client."""
+
+    fit: np.ndarray
+    calibration: np.ndarray
+    test: np.ndarray
+
+
+def dirichlet_train_partition(
+    labels: np.ndarray, num_partitions: int, alpha: float, seed: int, min_partition_size: int
+) -> list[np.ndarray]:
+    """Split train rows over clients with a Dirichlet(alpha) label skew."""
+    if math.isinf(alpha):
+        rng = np.random.default_rng(seed)
+        return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), num_partitions)]
+    import datasets  # deferred: heavy imports, only the partitioner needs them
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    partitioner = DirichletPartitioner(
+        num_partitions=num_partitions,
+        partition_by="label",
+        alpha=alpha,
+        min_partition_size=min_partition_size,
+        self_balancing=True,
+        shuffle=True,
+        seed=seed,
+    )
+    partitioner.dataset = datasets.Dataset.from_dict({"label": labels.tolist(), "row": np.arange(len(labels))})
+    return [np.sort(np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)) for i in range(num_partitions)]
+
+
+def split_like(
+    test_labels: np.ndarray, train_parts: list[np.ndarray], train_labels: np.ndarray, seed: int
+) -> list[np.ndarray]:
+    """Split test rows so each client's label mix matches its train partition."""
+    num_clients = len(train_parts)
+    classes = np.unique(np.concatenate([train_labels, test_labels]))
+    counts = np.array([[np.sum(train_labels[p] == k) for k in classes] for p in train_parts], dtype=float)
+    rng = np.random.default_rng(seed)
+    out: list[list[int]] = [[] for _ in range(num_clients)]
+    for j, k in enumerate(classes):
+        rows = rng.permutation(np.flatnonzero(test_labels == k))
+        share = counts[:, j] / counts[:, j].sum() if counts[:, j].sum() else np.full(num_clients, 1 / num_clients)
+        cuts = np.round(np.cumsum(share) * len(rows)).astype(int)[:-1]
+        for client, chunk in enumerate(np.split(rows, cuts)):
+            out[client].extend(chunk.tolist())
+    return [np.sort(np.array(o, dtype=np.int64)) for o in out]
+
+
+def calibration_split(rows: np.ndarray, fraction: float, seed: int, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split a client's train rows into (fit, calibration) with a seeded shuffle."""
+    rng = np.random.default_rng([seed, partition_id])
+    shuffled = rng.permutation(rows)
+    n_cal = int(round(fraction * len(rows)))
+    return np.sort(shuffled[n_cal:]), np.sort(shuffled[:n_cal])
+
+
+def partition_clients(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    seed: int,
+    calibration_fraction: float,
+    min_partition_size: int,
+) -> list[ClientIndices]:
+    """All clients' row indices, deterministic given the arguments."""
+    train_parts = dirichlet_train_partition(train_labels, num_clients, alpha, seed, min_partition_size)
+    test_parts = split_like(test_labels, train_parts, train_labels, seed)
+    clients = []
+    for pid, (train_rows, test_rows) in enumerate(zip(train_parts, test_parts)):
+        fit, cal = calibration_split(train_rows, calibration_fraction, seed, pid)
+        clients.append(ClientIndices(fit=fit, calibration=cal, test=test_rows))
+    return clients
+
+
+def cluster_of_partition(partition_id: int, num_partitions: int, num_clusters: int) -> int:
+    """Simulation rule: contiguous blocks of partition ids form a cluster."""
+    return partition_id * num_clusters // num_partitions

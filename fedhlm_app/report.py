@@ -1,0 +1,222 @@
+"""Results: ``results.json``, a threshold plot, a Markdown summary, a stdout table.
+
+Everything a run measured is reduced here from the per-client evaluation
+replies, so the numbers in the JSON, the summary and the table agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from fedhlm_app.ledger import Ledger
+
+RESULTS_DIR_ENV = "FEDHLM_RESULTS_DIR"
+POLICY_TITLES = {
+    "fedhlm": "FedHLM (learned thresholds)",
+    "slm_only": "SLM only",
+    "static_threshold": "static threshold",
+    "cloud_only": "cloud only (every item to the LLM)",
+}
+
+
+def _log(msg: str, *args: Any) -> None:
+    from flwr.common import log  # the Flower logger, so lines interleave with Flower's
+
+    log(INFO, msg, *args)
+
+
+def resolve_results_dir(configured: str) -> Path:
+    value = configured or os.environ.get(RESULTS_DIR_ENV, "") or "results"
+    return Path(value).expanduser().resolve()
+
+
+def policy_summary(per_client: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Totals over clients: accuracy, LLM rate, local rate, SLM accuracy."""
+    n = sum(c["num-examples"] for c in per_client.values())
+    total = lambda key: sum(c[key] for c in per_client.values())  # noqa: E731
+    if n == 0:
+        return {"accuracy": 0.0, "llm_rate": 0.0, "local_rate": 0.0, "num_items": 0}
+    return {
+        "accuracy": total("correct") / n,
+        "llm_rate": total("escalated") / n,
+        "local_rate": 1.0 - total("escalated") / n,
+        "slm_accuracy": total("slm-correct") / n,
+        "llm_items": int(total("escalated")),
+        "num_items": int(n),
+    }
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_thresholds(rounds: list[dict[str, Any]], path: Path) -> None:
+    """Global and per-cluster threshold per round, with the mean local loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [r["round"] for r in rounds]
+    for cluster in sorted({c for r in rounds for c in r["tau_clusters"]}, key=int):
+        ax.plot(xs, [r["tau_clusters"].get(cluster) for r in rounds], lw=1, alpha=0.7, label=f"cluster {cluster}")
+    ax.plot(xs, [r["tau_global"] for r in rounds], "k-", lw=2.5, label="global")
+    ax.set_xlabel("threshold round")
+    ax.set_ylabel("threshold tau (normalized entropy)")
+    loss_ax = ax.twinx()
+    loss_ax.plot(xs, [r["loss"] for r in rounds], "r--", lw=1, label="mean local loss")
+    loss_ax.set_ylabel("local loss", color="r")
+    lines = ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + loss_ax.get_legend_handles_labels()[1]
+    ax.legend(lines, labels, fontsize=8, loc="best")
+    ax.set_title("FedHLM threshold learning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n}"
+
+
+def summary_table(policies: dict[str, dict[str, float]], llm_bytes: dict[str, int]) -> list[str]:
+    rows = ["| policy | accuracy | LLM rate | local rate | bytes to LLM |", "|---|---|---|---|---|"]
+    for name, s in policies.items():
+        rows.append(
+            f"| {POLICY_TITLES.get(name, name)} | {s['accuracy']:.4f} | {s['llm_rate']:.4f} | "
+            f"{s['local_rate']:.4f} | {_fmt_bytes(llm_bytes.get(name, 0))} |"
+        )
+    return rows
+
+
+def write_report(
+    *,
+    cfg: dict[str, Any],
+    dataset_source: str,
+    class_names: list[str],
+    info: dict[int, dict[str, Any]],
+    evaluation: dict[str, dict[int, dict[str, float]]],
+    rounds: list[dict[str, Any]],
+    head_rounds: list[dict[str, Any]],
+    ledger: Ledger,
+    training_escalations: int,
+    failures: list[dict[str, Any]],
+    timings: dict[str, float],
+) -> Path:
+    """Write results.json, thresholds.png and summary.md; point ``latest`` at them."""
+    run_name = cfg["run-name"] or time.strftime("%Y%m%d-%H%M%S")
+    root = resolve_results_dir(cfg["results-dir"])
+    out = root / run_name
+    out.mkdir(parents=True, exist_ok=True)
+
+    policies = {name: policy_summary(per_client) for name, per_client in evaluation.items()}
+    ours = policies["fedhlm"]
+    cloud_rate = policies["cloud_only"]["llm_rate"] or 1.0
+    llm_bytes = {name: ledger.total(f"inference:{name}", "client->llm") for name in policies}
+    clients = []
+    for node, row in sorted(evaluation["fedhlm"].items(), key=lambda kv: info[kv[0]]["partition-id"]):
+        n = row["num-examples"] or 1
+        clients.append(
+            {
+                "node_id": node,
+                "partition_id": int(info[node]["partition-id"]),
+                "cluster": int(info[node]["cluster-id"]),
+                "tau": row["tau"],
+                "num_test": int(row["num-examples"]),
+                "num_calibration": int(info[node]["n-calibration"]),
+                "num_fit": int(info[node]["n-fit"]),
+                "accuracy": row["correct"] / n,
+                "slm_accuracy": row["slm-correct"] / n,
+                "llm_rate": row["escalated"] / n,
+                "local_rate": 1 - row["escalated"] / n,
+            }
+        )
+    clusters = {}
+    for cluster in sorted({c["cluster"] for c in clients}):
+        members = {node: evaluation["fedhlm"][node] for node in evaluation["fedhlm"] if int(info[node]["cluster-id"]) == cluster}
+        clusters[str(cluster)] = {**policy_summary(members), "clients": len(members)}
+    results = {
+        "run_name": run_name,
+        "accuracy": ours["accuracy"],
+        "llm_rate": ours["llm_rate"],
+        "llm_reduction": 1.0 - ours["llm_rate"] / cloud_rate,
+        "local_rate": ours["local_rate"],
+        "num_test_items": ours["num_items"],
+        "final_threshold": rounds[-1]["tau_global"] if rounds else cfg["tau-init"],
+        "baselines": {
+            "slm_only": policies["slm_only"],
+            "cloud_only": policies["cloud_only"],
+            "static_threshold": {**policies["static_threshold"], "tau": cfg["static-threshold"]},
+        },
+        "thresholds": {
+            "global": [r["tau_global"] for r in rounds],
+            "clusters": {c: [r["tau_clusters"].get(c) for r in rounds] for c in sorted({c for r in rounds for c in r["tau_clusters"]}, key=int)},
+            "rounds": rounds,
+        },
+        "head_rounds": head_rounds,
+        "training": {
+            "llm_items": training_escalations,
+            "calibration_items": int(sum(i["n-calibration"] for i in info.values())),
+        },
+        "clients": clients,
+        "clusters": clusters,
+        "communication": {
+            "by_phase_and_link": ledger.to_dict(),
+            "training_bytes": ledger.total("setup") + ledger.total("head") + ledger.total("threshold"),
+            "training_llm_bytes": ledger.total("threshold", "client->llm") + ledger.total("threshold", "llm->client"),
+            "inference_llm_bytes": {name: llm_bytes[name] for name in policies},
+        },
+        "failures": failures,
+        "dataset": {"source": dataset_source, "classes": class_names},
+        "wall_time_s": timings["total"],
+        "timings_s": timings,
+        "config": {k: (str(v) if isinstance(v, float) and v == float("inf") else v) for k, v in cfg.items()},
+    }
+    _write_json(out / "results.json", results)
+    if rounds:
+        plot_thresholds(rounds, out / "thresholds.png")
+
+    table = summary_table(policies, llm_bytes)
+    lines = [
+        f"# FedHLM run `{run_name}`",
+        "",
+        f"{len(clients)} clients in {len(clusters)} clusters, Dirichlet alpha {cfg['dirichlet-alpha']}, "
+        f"{len(rounds)} threshold rounds, strategy `{cfg['strategy']}`, oracle `{cfg['oracle']}`, "
+        f"SLM `{cfg['slm-model']}`, data `{dataset_source}`.",
+        "",
+        *table,
+        "",
+        f"- LLM transmissions cut by {results['llm_reduction']:.1%} against cloud-only; "
+        f"final global threshold {results['final_threshold']:.4f}.",
+        f"- Training-time LLM items: {training_escalations} "
+        f"({_fmt_bytes(results['communication']['training_llm_bytes'])} to and from the LLM).",
+        f"- Wall time {timings['total']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if k != "total") + ").",
+        "",
+        "![thresholds](thresholds.png)" if rounds else "",
+    ]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+    latest = root / "latest"
+    tmp_link = root / f".latest-{os.getpid()}"
+    if tmp_link.is_symlink():
+        tmp_link.unlink()
+    tmp_link.symlink_to(run_name, target_is_directory=True)
+    os.replace(tmp_link, latest)
+
+    _log("FedHLM results (%d test items, written to %s):", ours["num_items"], out)
+    for row in table:
+        _log("%s", row)
+    _log("LLM reduction %.2f%%, wall time %.1f s", 100 * results["llm_reduction"], timings["total"])
+    return out

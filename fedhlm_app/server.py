@@ -1,0 +1,216 @@
+"""fedhlm: the ServerApp (edge servers + cloud), driving FedHLM phase by phase.
+
+1. setup: learn node -> cluster, let clients featurize their data;
+2. head rounds: clients fit the SLM head, the strategy aggregates it;
+3. threshold rounds: clients escalate uncertain items, the LLM oracle verifies
+   them and returns rejection feedback, clients update tau, the strategy
+   aggregates tau (edge, then cloud);
+4. inference: every client routes its test items under each policy (FedHLM
+   and the baselines), the oracle answers the escalated ones, clients score;
+5. report: results.json, plot, summary.
+
+Every message is counted in the communication ledger.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedhlm_app.client import load_server_dataset
+from fedhlm_app.config import validate
+from fedhlm_app.head import SoftmaxHead
+from fedhlm_app.ledger import Ledger
+from fedhlm_app.oracle import make_oracle
+from fedhlm_app.records import arrays_record, pack_feedback, serialized_size, unpack_escalation
+from fedhlm_app.report import write_report
+from fedhlm_app.strategy import make_strategy
+
+app = ServerApp()
+
+# Routing policies evaluated on the same test items: name -> (tau, use each client's own tau)
+NO_ESCALATION, ALL_ESCALATION = 2.0, -1.0
+
+
+@dataclass
+class Exchange:
+    """Sends one phase's messages to nodes, counts bytes, returns the good replies."""
+
+    grid: Grid
+    ledger: Ledger
+    timeout: float
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, phase: str, message_type: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
+        messages = []
+        for node, content in contents.items():
+            feedback_bytes = serialized_size(RecordDict({"feedback": content["feedback"]})) if "feedback" in content else 0
+            self.ledger.add(phase, "edge->client", serialized_size(content) - feedback_bytes)
+            if feedback_bytes:
+                self.ledger.add(phase, "llm->client", feedback_bytes, items=len(content["feedback"]["ids"].numpy()))
+            messages.append(Message(content, dst_node_id=node, message_type=message_type))
+        replies: dict[int, Message] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "%s: node %s failed: %s", phase, node, reply.error.reason)
+                self.failures.append({"phase": phase, "node": node, "reason": str(reply.error.reason)})
+                continue
+            size = serialized_size(reply.content)
+            if "escalation" in reply.content and len(reply.content["escalation"]["ids"].numpy()):
+                self.ledger.add(phase, "client->llm", size, items=len(reply.content["escalation"]["ids"].numpy()))
+            else:
+                self.ledger.add(phase, "client->edge", size)
+            replies[node] = reply
+        missing = set(contents) - set(replies)
+        if missing and len(missing) > len([f for f in self.failures if f["phase"] == phase]):
+            log(WARNING, "%s: no reply from %d nodes (timeout %.0fs)", phase, len(missing), self.timeout)
+        return replies
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
+    """Node ids once ``wanted`` nodes are connected (or whatever is there at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+        time.sleep(1.0)
+    if len(nodes) < wanted:
+        log(WARNING, "only %d of %d nodes connected after %.0fs", len(nodes), wanted, timeout)
+    return nodes
+
+
+def _record_aggregation_traffic(ledger: Ledger, phase: str, strategy, global_arrays: ArrayRecord) -> None:
+    """Edge aggregates go up to the cloud, the global model comes back down, once per cluster."""
+    agg = strategy.last
+    if agg is None or not strategy.is_hierarchical:
+        return
+    down = serialized_size(RecordDict({"arrays": global_arrays}))
+    for cluster, params in agg.cluster_params.items():
+        up = serialized_size(RecordDict({"arrays": arrays_record(params), "metrics": MetricRecord({"num-examples": agg.cluster_weights[cluster]})}))
+        ledger.add(phase, "edge->cloud", up)
+        ledger.add(phase, "cloud->edge", down)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run FedHLM end to end and write the report."""
+    started = time.monotonic()
+    cfg = validate(context.run_config)  # fail fast, before anything loads
+    dataset = load_server_dataset(cfg)  # fails fast on missing/malformed data
+    oracle = make_oracle(cfg["oracle"], dataset, cfg["seed"])
+    ledger = Ledger()
+    exchange = Exchange(grid, ledger, cfg["round-timeout"])
+    timings: dict[str, float] = {}
+
+    # ---- 1. setup ------------------------------------------------------------------------------
+    t0 = time.monotonic()
+    nodes = wait_for_nodes(grid, cfg["min-clients"] or cfg["num-clients"], cfg["round-timeout"])
+    setup = exchange("setup", "query.setup", {n: RecordDict() for n in nodes})
+    if not setup:
+        raise RuntimeError("no client completed setup; see the client errors above")
+    info = {n: dict(r.content["info"]) for n, r in setup.items()}
+    cluster_of = {n: int(i["cluster-id"]) for n, i in info.items()}
+    strategy = make_strategy(cfg["strategy"], cluster_of)
+    strategy.summary()
+    log(INFO, "setup: %d clients in clusters %s", len(info), sorted(set(cluster_of.values())))
+    timings["setup"] = time.monotonic() - t0
+
+    # ---- 2. SLM head rounds --------------------------------------------------------------------
+    t0 = time.monotonic()
+    any_info = next(iter(info.values()))
+    head = SoftmaxHead(int(any_info["dim"]), int(any_info["num-classes"]))
+    arrays = arrays_record(head.get_params())
+    head_rounds = []
+    for rnd in range(1, cfg["head-rounds"] + 1):
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})})
+        replies = exchange("head", "train.head", {n: content for n in cluster_of})
+        new_arrays, metrics = strategy.aggregate_train(rnd, replies.values())
+        if new_arrays is not None:
+            arrays = new_arrays
+            _record_aggregation_traffic(ledger, "head", strategy, arrays)
+            head_rounds.append({"round": rnd, **{k: float(v) for k, v in (metrics or {}).items()}})
+            log(INFO, "head round %d: train loss %.4f, train accuracy %.4f", rnd, metrics["train-loss"], metrics["train-accuracy"])
+    timings["head"] = time.monotonic() - t0
+
+    # ---- 3. threshold rounds -------------------------------------------------------------------
+    t0 = time.monotonic()
+    tau_global = cfg["tau-init"]
+    rounds = []
+    training_escalations = 0
+    for rnd in range(1, cfg["threshold-rounds"] + 1):
+        conf = ConfigRecord({"split": "calibration", "tau-reference": tau_global, "server-round": rnd})
+        first = RecordDict({"arrays": arrays, "config": conf})  # the final head travels once
+        later = RecordDict({"config": conf})
+        asked = exchange("threshold", "query.escalate", {n: first if rnd == 1 else later for n in cluster_of})
+        feedback = {}
+        for node, reply in asked.items():
+            batch = unpack_escalation(reply.content)
+            training_escalations += len(batch)
+            feedback[node] = RecordDict({"feedback": pack_feedback(batch.ids, oracle.verify(batch)), "config": ConfigRecord({"server-round": rnd})})
+        replies = exchange("threshold", "train.threshold", feedback)
+        tau_arrays, metrics = strategy.aggregate_train(rnd, replies.values())
+        if tau_arrays is None:
+            log(WARNING, "threshold round %d: no updates, keeping tau = %.4f", rnd, tau_global)
+            continue
+        _record_aggregation_traffic(ledger, "threshold", strategy, tau_arrays)
+        tau_global = float(tau_arrays.to_numpy_ndarrays()[0][0])
+        per_cluster = {str(c): float(p[0][0]) for c, p in strategy.last.cluster_params.items()}
+        rounds.append(
+            {
+                "round": rnd,
+                "tau_global": tau_global,
+                "tau_clusters": per_cluster,
+                "loss": float(metrics["loss"]),
+                "escalation_rate": float(metrics["escalation-rate"]),
+                "llm_items": sum(len(unpack_escalation(r.content)) for r in asked.values()),
+                "clients": len(replies),
+            }
+        )
+        log(INFO, "threshold round %d: tau %.4f, clusters %s, loss %.4f, calibration escalation %.3f",
+            rnd, tau_global, {c: round(t, 3) for c, t in per_cluster.items()}, metrics["loss"], metrics["escalation-rate"])
+    timings["threshold"] = time.monotonic() - t0
+
+    # ---- 4. inference --------------------------------------------------------------------------
+    t0 = time.monotonic()
+    policies = {
+        "fedhlm": (tau_global, True),
+        "slm_only": (NO_ESCALATION, False),
+        "static_threshold": (cfg["static-threshold"], False),
+        "cloud_only": (ALL_ESCALATION, False),
+    }
+    evaluation: dict[str, dict[int, dict[str, float]]] = {}
+    for name, (tau, own) in policies.items():
+        phase = f"inference:{name}"
+        conf = ConfigRecord({"split": "test", "tau": float(tau), "own-threshold": own, "tau-reference": tau_global})
+        asked = exchange(phase, "query.escalate", {n: RecordDict({"config": conf}) for n in cluster_of})
+        feedback, client_tau = {}, {}
+        for node, reply in asked.items():
+            batch = unpack_escalation(reply.content)
+            client_tau[node] = float(reply.content["metrics"]["tau"])
+            feedback[node] = RecordDict({"feedback": pack_feedback(batch.ids, oracle.verify(batch)), "config": ConfigRecord({"policy": name})})
+        scored = exchange(phase, "evaluate.hlm", feedback)
+        evaluation[name] = {
+            node: {**{k: float(v) for k, v in r.content["metrics"].items()}, "tau": client_tau[node]} for node, r in scored.items()
+        }
+    timings["inference"] = time.monotonic() - t0
+
+    # ---- 5. report -----------------------------------------------------------------------------
+    write_report(
+        cfg=cfg,
+        dataset_source=dataset.source,
+        class_names=dataset.class_names,
+        info=info,
+        evaluation=evaluation,
+        rounds=rounds,
+        head_rounds=head_rounds,
+        ledger=ledger,
+        training_escalations=training_escalations,
+        failures=exchange.failures,
+        timings={**timings, "total": time.monotonic() - started},
+    )

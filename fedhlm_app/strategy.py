@@ -1,0 +1,113 @@
+"""Hierarchical aggregation as a Flower ``Strategy`` (edge per cluster, then cloud).
+
+Flower is hub-and-spoke, so the edge servers are a logical layer: replies are
+grouped by the cluster of the node that sent them (learned in the setup
+phase), reduced per cluster with the edge rule, and the edge results reduced
+with the cloud rule (``fedhlm_app.aggregation``). ``flat`` FedAvg ignores the
+clusters. Strategies are chosen by name from the run config (``STRATEGIES``).
+
+The ServerApp drives its own phases (head, threshold, inference) and calls
+``aggregate_train`` for each; ``configure_*`` keep the standard
+``Strategy.start`` loop usable too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedhlm_app.aggregation import Aggregate, Rule, Update, flat, hierarchical, weighted_mean
+from fedhlm_app.records import arrays_record, record_arrays
+
+WEIGHT_KEY = "num-examples"
+
+
+def _weighted_metrics(replies: list[Message]) -> MetricRecord:
+    """Example-weighted mean of every numeric metric, plus the total example count."""
+    weights = np.array([float(m.content["metrics"][WEIGHT_KEY]) for m in replies])
+    total = float(weights.sum())
+    out: dict[str, float] = {WEIGHT_KEY: total}
+    keys = set.intersection(*(set(m.content["metrics"]) for m in replies)) - {WEIGHT_KEY}
+    for key in sorted(keys):
+        values = [m.content["metrics"][key] for m in replies]
+        if all(isinstance(v, (int, float)) for v in values) and total > 0:
+            out[key] = float(np.dot(weights, values) / total)
+    return MetricRecord(out)
+
+
+class HierarchicalStrategy(Strategy):
+    """Edge-then-cloud aggregation of any arrays (head weights, thresholds)."""
+
+    def __init__(
+        self,
+        cluster_of: dict[int, int],
+        is_hierarchical: bool = True,
+        edge_rule: Rule = weighted_mean,
+        cloud_rule: Rule = weighted_mean,
+    ) -> None:
+        self.cluster_of = dict(cluster_of)
+        self.is_hierarchical = is_hierarchical
+        self.edge_rule = edge_rule
+        self.cloud_rule = cloud_rule
+        self.last: Aggregate | None = None
+
+    def summary(self) -> None:
+        kind = "hierarchical (edge, then cloud)" if self.is_hierarchical else "flat"
+        log(INFO, "\t├──> %s aggregation over %d nodes in %d clusters", kind, len(self.cluster_of), len(set(self.cluster_of.values())))
+
+    def _broadcast(self, message_type: str, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
+        content = RecordDict({"arrays": arrays, "config": config})
+        return [Message(content, dst_node_id=node, message_type=message_type) for node in self.cluster_of]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        config["server-round"] = server_round
+        return self._broadcast("train", arrays, config)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ok = []
+        for m in replies:
+            if m.has_error():
+                log(WARNING, "round %d: node %s failed: %s", server_round, m.metadata.src_node_id, m.error.reason)
+            elif m.metadata.src_node_id not in self.cluster_of:
+                log(WARNING, "round %d: reply from unknown node %s ignored", server_round, m.metadata.src_node_id)
+            else:
+                ok.append(m)
+        if not ok:
+            return None, None
+        updates = [
+            Update(record_arrays(m.content["arrays"]), self.cluster_of[m.metadata.src_node_id], float(m.content["metrics"][WEIGHT_KEY]))
+            for m in ok
+        ]
+        if self.is_hierarchical:
+            self.last = hierarchical(updates, self.edge_rule, self.cloud_rule)
+        else:
+            self.last = flat(updates, self.cloud_rule)
+        return arrays_record(self.last.global_params), _weighted_metrics(ok)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        config["server-round"] = server_round
+        return self._broadcast("evaluate", arrays, config)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        ok = [m for m in replies if not m.has_error()]
+        return _weighted_metrics(ok) if ok else None
+
+
+StrategyFactory = Callable[[dict[int, int]], HierarchicalStrategy]
+STRATEGIES: dict[str, StrategyFactory] = {
+    "hierarchical-fedavg": lambda cluster_of: HierarchicalStrategy(cluster_of, is_hierarchical=True),
+    "fedavg": lambda cluster_of: HierarchicalStrategy(cluster_of, is_hierarchical=False),
+}
+
+
+def make_strategy(name: str, cluster_of: dict[int, int]) -> HierarchicalStrategy:
+    try:
+        return STRATEGIES[name](cluster_of)
+    except KeyError:
+        raise ValueError(f"unknown strategy '{name}' (known: {sorted(STRATEGIES)})") from None

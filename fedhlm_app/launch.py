@@ -1,0 +1,169 @@
+"""Launch a FedHLM simulation with ``flwr run`` on a self-managed local SuperLink.
+
+    python -m fedhlm_app.launch conf/paper.toml [-c "key=value ..."]
+
+What it does, in order:
+
+1. merges the run config (pyproject defaults < preset files < ``-c`` overrides),
+   fills in absolute paths for data, results and the feature cache, and
+   validates it, so a bad value stops here, before Ray or any model starts;
+2. starts ``flower-superlink --simulation`` on a free loopback port with an
+   isolated ``FLWR_HOME`` (Flower's own managed SuperLink would linger);
+3. runs ``flwr run --stream`` with one SuperNode per configured client;
+4. checks the run status with ``flwr ls`` (``flwr run`` exits 0 even when the
+   app failed) and exits non-zero unless it is ``finished:completed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from fedhlm_app.config import ConfigError, validate
+from fedhlm_app.data import DATA_DIR_ENV, DataError, load_local, resolve_data_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_DATA = ROOT / "data" / "ag_news"
+
+
+def merged_config(presets: list[str], overrides: list[str]) -> dict[str, Any]:
+    """pyproject defaults, then each preset file, then each ``k=v`` override string."""
+    cfg = dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    for preset in presets:
+        path = Path(preset)
+        if not path.is_file():
+            raise ConfigError(f"run-config file '{preset}' not found")
+        cfg.update(tomllib.loads(path.read_text()))
+    for text in overrides:
+        for pair in shlex.split(text, posix=False):  # keeps the quotes TOML needs
+            try:
+                cfg.update(tomllib.loads(pair))
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"override '{pair}' is not TOML 'key=value' ({exc}); quote strings: key='text'") from exc
+    return cfg
+
+
+def with_default_paths(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Absolute paths (the ServerApp runs in the SuperLink's cwd, the ClientApps in Ray workers)."""
+    out = dict(cfg)
+    if not out["data-dir"]:
+        out["data-dir"] = os.environ.get(DATA_DIR_ENV, "") or str(BUNDLED_DATA)
+    out["data-dir"] = str(Path(out["data-dir"]).expanduser().resolve())
+    out["results-dir"] = str(Path(out["results-dir"] or ROOT / "results").expanduser().resolve())
+    out["cache-dir"] = str(Path(out["cache-dir"] or ROOT / ".cache" / "features").expanduser().resolve())
+    return out
+
+
+def check_local_data(cfg: dict[str, Any]) -> None:
+    """Read the local CSVs once so a missing or broken dataset fails before Ray starts."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in {"", "0"}
+    if cfg["data-source"] == "local" or (cfg["data-source"] == "auto" and offline):
+        load_local(resolve_data_dir(cfg["data-dir"]), cfg["train-file"], cfg["test-file"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, float) and v == float("inf"):
+        return "inf"
+    return repr(v)
+
+
+def run_simulation(cfg: dict[str, Any], flwr_home: Path, cpus_per_client: int) -> str:
+    """Run the app on a fresh local SuperLink; return the final run status."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedhlm-sim"\n\n[superlink.fedhlm-sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # The SuperLink spawns flower-superexec and flwr-simulation from PATH.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    log_file = open(flwr_home / "superlink.log", "w")  # noqa: SIM115 - closed below
+    superlink = subprocess.Popen(
+        [_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
+         "--disable-runtime-dependency-installation"],
+        env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                if superlink.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"SuperLink did not start; see {flwr_home / 'superlink.log'}") from None
+                time.sleep(0.2)
+        # Every key is passed explicitly, so what runs is exactly the validated, merged config.
+        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.items())
+        cmd = [_bin("flwr"), "run", str(ROOT), "fedhlm-sim", "--stream",
+               "--run-config", overrides,
+               "--federation-config", f"num-supernodes={cfg['num-clients']} client-resources-num-cpus={cpus_per_client}"]
+        subprocess.run(cmd, env=env, cwd=ROOT, check=False)
+        listing = subprocess.run([_bin("flwr"), "ls", "--format", "json"], env=env, cwd=ROOT, capture_output=True, text=True)
+        runs = json.loads(listing.stdout).get("runs", [])
+        return str(runs[-1]["status"]) if runs else "unknown"
+    finally:
+        superlink.terminate()
+        try:
+            superlink.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            superlink.kill()
+        log_file.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("presets", nargs="*", help="run-config TOML files (conf/*.toml)")
+    parser.add_argument("-c", "--run-config", action="append", default=[], help="overrides: \"key=value key2='text'\"")
+    parser.add_argument("--flwr-home", default=str(ROOT / ".flwr_home"), help="isolated Flower home (default: .flwr_home)")
+    parser.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per ClientApp actor")
+    parser.add_argument("--check-only", action="store_true", help="validate the config and data, then exit")
+    args = parser.parse_args(argv)
+    try:
+        cfg = with_default_paths(merged_config(args.presets, args.run_config))
+        cfg = {**cfg, **{k: v for k, v in validate(cfg).items() if k in cfg}}
+        check_local_data(cfg)
+    except (ConfigError, DataError) as exc:
+        print(f"fedhlm: {exc}", file=sys.stderr)
+        return 2
+    if args.check_only:
+        print("fedhlm: config and data OK")
+        return 0
+    status = run_simulation(cfg, Path(args.flwr_home).resolve(), args.cpus_per_client)
+    print(f"fedhlm: run status {status}")
+    return 0 if status == "finished:completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedhlm_app.aggregation import Update, flat, hierarchical, weighted_mean
+from fedhlm_app.records import arrays_record
+from fedhlm_app.strategy import STRATEGIES, make_strategy
+from fedhlm_app import config
+
+
+def _updates():
+    # cluster 0: taus 0.2 (n=10), 0.4 (n=30); cluster 1: 0.8 (n=60)
+    return [
+        Update([np.array([0.2])], 0, 10.0),
+        Update([np.array([0.4])], 0, 30.0),
+        Update([np.array([0.8])], 1, 60.0),
+    ]
+
+
+def test_hierarchical_weights_match_hand_computation():
+    agg = hierarchical(_updates())
+    tau_c0 = (10 * 0.2 + 30 * 0.4) / 40  # 0.35
+    tau_c1 = 0.8
+    assert agg.cluster_params[0][0][0] == pytest.approx(tau_c0)
+    assert agg.cluster_params[1][0][0] == pytest.approx(tau_c1)
+    assert agg.cluster_weights == {0: 40.0, 1: 60.0}
+    assert agg.global_params[0][0] == pytest.approx((40 * tau_c0 + 60 * tau_c1) / 100)
+
+
+def test_flat_weighted_mean_equals_hierarchical_global():
+    assert flat(_updates()).global_params[0][0] == pytest.approx(hierarchical(_updates()).global_params[0][0])
+
+
+def test_weighted_mean_of_multi_layer_params():
+    out = weighted_mean([[np.ones((2, 2)), np.zeros(3)], [np.zeros((2, 2)), np.ones(3)]], [1, 3])
+    assert np.allclose(out[0], 0.25) and np.allclose(out[1], 0.75)
+    with pytest.raises(ValueError):
+        weighted_mean([], [])
+
+
+def _reply(node: int, tau: float, n: int) -> Message:
+    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train.threshold")
+    content = RecordDict({"arrays": arrays_record([np.array([tau])]), "metrics": MetricRecord({"num-examples": n, "loss": tau})})
+    return Message(content, reply_to=instruction)
+
+
+def test_strategy_groups_replies_by_cluster():
+    strategy = make_strategy("hierarchical-fedavg", {1: 0, 2: 0, 3: 1})
+    arrays, metrics = strategy.aggregate_train(1, [_reply(1, 0.2, 10), _reply(2, 0.4, 30), _reply(3, 0.8, 60)])
+    assert arrays.to_numpy_ndarrays()[0][0] == pytest.approx(0.35 * 0.4 + 0.8 * 0.6)
+    assert strategy.last.cluster_params[0][0][0] == pytest.approx(0.35)
+    assert metrics["num-examples"] == 100 and metrics["loss"] == pytest.approx(0.62)
+
+
+def test_strategy_names_match_config_schema():
+    assert set(STRATEGIES) == set(config.STRATEGIES)

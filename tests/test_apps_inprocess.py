@@ -1,0 +1,91 @@
+"""The real ClientApp and ServerApp, driven in-process through a Ray-free Grid."""
+
+import json
+
+import numpy as np
+import pytest
+
+from client_app import app as client_app
+from server_app import app as server_app
+from helpers import LocalGrid, default_run_config, server_context
+
+REQUIRED_KEYS = {
+    "accuracy", "llm_rate", "llm_reduction", "local_rate", "baselines", "thresholds", "clients", "clusters",
+    "communication", "wall_time_s", "config", "training",
+}
+
+
+def _run(tmp_path, tiny_bert, nodes, **overrides):
+    rc = default_run_config(
+        **{
+            "slm-model": str(tiny_bert), "data-source": "local", "data-dir": str(tmp_path.parent.parent / "unused"),
+            "cache-dir": str(tmp_path / "cache"), "results-dir": str(tmp_path / "results"), **overrides,
+        }
+    )
+    from fedhlm_app.launch import BUNDLED_DATA
+
+    rc["data-dir"] = str(BUNDLED_DATA)
+    grid = LocalGrid(client_app, nodes, rc)
+    server_app(grid, server_context(rc))
+    return grid, json.loads((tmp_path / "results" / "latest" / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def four_clients_two_clusters(tmp_path_factory, tiny_bert):
+    tmp = tmp_path_factory.mktemp("inproc")
+    nodes = [{"partition-id": i, "num-partitions": 4, "cluster-id": i // 2} for i in range(4)]
+    return tmp, _run(tmp, tiny_bert, nodes, **{"threshold-rounds": 4, "tau-init": 0.95})
+
+
+def test_full_pipeline_writes_every_result(four_clients_two_clusters):
+    tmp, (grid, results) = four_clients_two_clusters
+    assert REQUIRED_KEYS <= set(results)
+    assert set(results["baselines"]) == {"slm_only", "cloud_only", "static_threshold"}
+    assert results["baselines"]["cloud_only"]["llm_rate"] == 1.0
+    assert results["baselines"]["cloud_only"]["accuracy"] == 1.0  # the labels oracle is ground truth
+    assert results["baselines"]["slm_only"]["llm_rate"] == 0.0
+    assert results["llm_reduction"] == pytest.approx(1 - results["llm_rate"])
+    assert results["num_test_items"] == 200
+    assert (tmp / "results" / "smoke" / "thresholds.png").stat().st_size > 1000
+    assert "FedHLM" in (tmp / "results" / "smoke" / "summary.md").read_text()
+
+
+def test_clusters_come_from_node_config_and_thresholds_per_round(four_clients_two_clusters):
+    _, (_, results) = four_clients_two_clusters
+    assert sorted(results["clusters"]) == ["0", "1"]
+    assert [c["cluster"] for c in results["clients"]] == [0, 0, 1, 1]
+    assert len(results["thresholds"]["global"]) == 4
+    assert set(results["thresholds"]["clusters"]) == {"0", "1"}
+    for r in results["thresholds"]["rounds"]:
+        # the cloud threshold is the sample-weighted mean of the edge thresholds
+        weights = {c: sum(x["num_calibration"] for x in results["clients"] if str(x["cluster"]) == c) for c in r["tau_clusters"]}
+        expected = sum(weights[c] * t for c, t in r["tau_clusters"].items()) / sum(weights.values())
+        assert r["tau_global"] == pytest.approx(expected)
+
+
+def test_phases_and_ledger(four_clients_two_clusters):
+    _, (grid, results) = four_clients_two_clusters
+    assert grid.sent.count("query.setup") == 4
+    assert grid.sent.count("train.threshold") == 16
+    ledger = results["communication"]["by_phase_and_link"]
+    assert ledger["threshold"]["client->llm"]["items"] == results["training"]["llm_items"] > 0
+    assert ledger["threshold"]["edge->cloud"]["messages"] == 2 * 4  # one per cluster and round
+    assert ledger["inference:cloud_only"]["client->llm"]["items"] == 200
+    assert "client->llm" not in ledger["inference:slm_only"]
+    assert results["communication"]["inference_llm_bytes"]["cloud_only"] > results["communication"]["inference_llm_bytes"]["fedhlm"]
+
+
+def test_client_state_keeps_threshold_feedback_and_head(four_clients_two_clusters):
+    _, (grid, results) = four_clients_two_clusters
+    state = grid.state(1000)
+    assert {"head", "threshold", "feedback"} <= set(state.keys())
+    ids = state["feedback"]["ids"].numpy()
+    assert len(ids) == len(np.unique(ids))  # each item is sent to the LLM at most once in training
+
+
+def test_flat_fedavg_is_one_config_line(tmp_path, tiny_bert):
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    _, results = _run(tmp_path, tiny_bert, nodes, **{"strategy": "fedavg", "num-clients": 3, "num-clusters": 3, "threshold-rounds": 2})
+    assert results["config"]["strategy"] == "fedavg"
+    assert sorted(results["clusters"]) == ["0", "1", "2"]  # simulation rule: partition-id blocks
+    assert "edge->cloud" not in results["communication"]["by_phase_and_link"]["threshold"]

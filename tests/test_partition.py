@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from fedhlm_app.partition import cluster_of_partition, partition_clients, split_like
+
+
+@pytest.fixture(scope="module")
+def labels():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 4, size=4000), rng.integers(0, 4, size=1200)
+
+
+def test_partition_is_disjoint_complete_and_deterministic(labels):
+    train, test = labels
+    a = partition_clients(train, test, 10, 0.5, 7, 0.2, 10)
+    b = partition_clients(train, test, 10, 0.5, 7, 0.2, 10)
+    rows = np.concatenate([np.r_[c.fit, c.calibration] for c in a])
+    assert sorted(rows.tolist()) == list(range(len(train)))
+    assert sorted(np.concatenate([c.test for c in a]).tolist()) == list(range(len(test)))
+    assert all(np.array_equal(x.fit, y.fit) and np.array_equal(x.test, y.test) for x, y in zip(a, b))
+    assert all(abs(len(c.calibration) - 0.2 * (len(c.fit) + len(c.calibration))) <= 1 for c in a)
+
+
+def test_small_alpha_skews_labels_more_than_large_alpha(labels):
+    train, test = labels
+
+    def mean_max_share(alpha):
+        parts = partition_clients(train, test, 10, alpha, 7, 0.2, 5)
+        return np.mean([np.bincount(train[np.r_[c.fit, c.calibration]], minlength=4).max() / (len(c.fit) + len(c.calibration)) for c in parts])
+
+    assert mean_max_share(0.1) > mean_max_share(100.0) + 0.2
+
+
+def test_test_split_follows_train_label_mix():
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 3, size=3000)
+    test = rng.integers(0, 3, size=3000)
+    parts = [np.flatnonzero(train == 0), np.flatnonzero(train != 0)]
+    out = split_like(test, parts, train, seed=0)
+    assert set(test[out[0]].tolist()) == {0}
+    assert np.sum(test[out[1]] == 0) == 0
+
+
+def test_cluster_rule_makes_contiguous_blocks():
+    assert [cluster_of_partition(i, 20, 4) for i in range(20)] == [i // 5 for i in range(20)]

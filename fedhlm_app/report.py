@@ -58,7 +58,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def plot_thresholds(rounds: list[dict[str, Any]], path: Path) -> None:
-    """Global and per-cluster threshold per round, with the mean local loss."""
+    """Global and per-cluster threshold per round, with the local loss and escalation rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,8 +72,10 @@ def plot_thresholds(rounds: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("threshold round")
     ax.set_ylabel("threshold tau (normalized entropy)")
     loss_ax = ax.twinx()
-    loss_ax.plot(xs, [r["loss"] for r in rounds], "r--", lw=1, label="mean local loss")
-    loss_ax.set_ylabel("local loss", color="r")
+    # The loss is taken over the items with LLM feedback so far, a set that grows as tau falls.
+    loss_ax.plot(xs, [r["loss"] for r in rounds], "r--", lw=1, label="mean local loss (items with feedback)")
+    loss_ax.plot(xs, [r["escalation_rate"] for r in rounds], "b:", lw=1, label="calibration escalation rate")
+    loss_ax.set_ylabel("local loss / escalation rate")
     lines = ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + loss_ax.get_legend_handles_labels()[1]
     ax.legend(lines, labels, fontsize=8, loc="best")

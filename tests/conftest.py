@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _task_identity():
     # Message() outside a Flower runtime needs a task identity (flower-1.42 notes, pitfall 7).
     from flwr.supercore.task_identity import TaskIdentity

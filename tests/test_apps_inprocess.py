@@ -72,7 +72,9 @@ def test_phases_and_ledger(four_clients_two_clusters):
     assert ledger["threshold"]["edge->cloud"]["messages"] == 2 * 4  # one per cluster and round
     assert ledger["inference:cloud_only"]["client->llm"]["items"] == 200
     assert "client->llm" not in ledger["inference:slm_only"]
-    assert results["communication"]["inference_llm_bytes"]["cloud_only"] > results["communication"]["inference_llm_bytes"]["fedhlm"]
+    assert results["communication"]["inference_llm_bytes"]["cloud_only"] >= results["communication"]["inference_llm_bytes"]["fedhlm"]
+    fedhlm_items = ledger["inference:fedhlm"].get("client->llm", {"items": 0})["items"]
+    assert fedhlm_items == round(results["llm_rate"] * results["num_test_items"])
 
 
 def test_client_state_keeps_threshold_feedback_and_head(four_clients_two_clusters):

@@ -150,6 +150,12 @@ def _tau(context: Context) -> float | None:
     return float(context.state["threshold"]["tau"]) if "threshold" in context.state else None
 
 
+def _starting_tau(context: Context, reference: float, alpha: float) -> float:
+    """tau_i moved towards the server's reference (the reference itself on first contact)."""
+    current = _tau(context)
+    return reference if current is None else personalize(current, reference, alpha)
+
+
 def _set_tau(context: Context, tau: float) -> None:
     context.state["threshold"] = MetricRecord({"tau": float(tau)})
 
@@ -229,18 +235,14 @@ def escalate(msg: Message, context: Context) -> Message:
     split = data.calibration if split_name == "calibration" else data.test
     probs, h, drafts = _routing_inputs(context, cfg, split, data)
     if split_name == "calibration":
-        reference = float(conf["tau-reference"])
-        current = _tau(context)
-        tau = reference if current is None else personalize(current, reference, cfg["personalization-alpha"])
+        tau = _starting_tau(context, float(conf["tau-reference"]), cfg["personalization-alpha"])
         _set_tau(context, tau)
         known, _ = _known_feedback(context)
         mask = exploration_mask(h, tau, cfg["exploration-band"])
         mask[known] = False
     else:
-        tau = float(conf["tau"])
-        if bool(conf["own-threshold"]):
-            current = _tau(context)
-            tau = float(conf["tau-reference"]) if current is None else personalize(current, float(conf["tau-reference"]), cfg["personalization-alpha"])
+        own = bool(conf["own-threshold"])
+        tau = _starting_tau(context, float(conf["tau-reference"]), cfg["personalization-alpha"]) if own else float(conf["tau"])
         mask = h > tau
     ids = np.flatnonzero(mask)
     batch = EscalationBatch(ids=ids, texts=[split.texts[i] for i in ids], probs=probs[ids], drafts=drafts[ids])

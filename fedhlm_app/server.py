@@ -51,28 +51,33 @@ class Exchange:
     def __call__(self, phase: str, message_type: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
         messages = []
         for node, content in contents.items():
-            feedback_bytes = serialized_size(RecordDict({"feedback": content["feedback"]})) if "feedback" in content else 0
+            items = len(content["feedback"]["ids"].numpy()) if "feedback" in content else 0
+            # The LLM's verdicts travel on the LLM link; the rest of the instruction is control.
+            feedback_bytes = serialized_size(RecordDict({"feedback": content["feedback"]})) if items else 0
             self.ledger.add(phase, "edge->client", serialized_size(content) - feedback_bytes)
-            if feedback_bytes:
-                self.ledger.add(phase, "llm->client", feedback_bytes, items=len(content["feedback"]["ids"].numpy()))
+            if items:
+                self.ledger.add(phase, "llm->client", feedback_bytes, items=items)
             messages.append(Message(content, dst_node_id=node, message_type=message_type))
         replies: dict[int, Message] = {}
+        failed: set[int] = set()
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log(WARNING, "%s: node %s failed: %s", phase, node, reply.error.reason)
-                self.failures.append({"phase": phase, "node": node, "reason": str(reply.error.reason)})
+                self._fail(phase, node, str(reply.error.reason))
+                failed.add(node)
                 continue
             size = serialized_size(reply.content)
-            if "escalation" in reply.content and len(reply.content["escalation"]["ids"].numpy()):
-                self.ledger.add(phase, "client->llm", size, items=len(reply.content["escalation"]["ids"].numpy()))
-            else:
-                self.ledger.add(phase, "client->edge", size)
+            items = len(reply.content["escalation"]["ids"].numpy()) if "escalation" in reply.content else 0
+            # An escalation carries items to the LLM; an empty one is only a control reply.
+            self.ledger.add(phase, "client->llm" if items else "client->edge", size, items=items)
             replies[node] = reply
-        missing = set(contents) - set(replies)
-        if missing and len(missing) > len([f for f in self.failures if f["phase"] == phase]):
-            log(WARNING, "%s: no reply from %d nodes (timeout %.0fs)", phase, len(missing), self.timeout)
+        for node in set(contents) - set(replies) - failed:
+            self._fail(phase, node, f"no reply within {self.timeout:.0f}s")
         return replies
+
+    def _fail(self, phase: str, node: int, reason: str) -> None:
+        log(WARNING, "%s: node %s failed: %s", phase, node, reason)
+        self.failures.append({"phase": phase, "node": node, "reason": reason})
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -148,12 +153,13 @@ def main(grid: Grid, context: Context) -> None:
         first = RecordDict({"arrays": arrays, "config": conf})  # the final head travels once
         later = RecordDict({"config": conf})
         asked = exchange("threshold", "query.escalate", {n: first if rnd == 1 else later for n in cluster_of})
-        feedback = {}
+        feedback, round_items = {}, 0
         for node, reply in asked.items():
             batch = unpack_escalation(reply.content)
-            training_escalations += len(batch)
+            round_items += len(batch)
             feedback[node] = RecordDict({"feedback": pack_feedback(batch.ids, oracle.verify(batch)), "config": ConfigRecord({"server-round": rnd})})
         replies = exchange("threshold", "train.threshold", feedback)
+        training_escalations += round_items
         tau_arrays, metrics = strategy.aggregate_train(rnd, replies.values())
         if tau_arrays is None:
             log(WARNING, "threshold round %d: no updates, keeping tau = %.4f", rnd, tau_global)
@@ -168,7 +174,7 @@ def main(grid: Grid, context: Context) -> None:
                 "tau_clusters": per_cluster,
                 "loss": float(metrics["loss"]),
                 "escalation_rate": float(metrics["escalation-rate"]),
-                "llm_items": sum(len(unpack_escalation(r.content)) for r in asked.values()),
+                "llm_items": round_items,
                 "clients": len(replies),
             }
         )

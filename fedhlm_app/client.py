@@ -8,11 +8,12 @@ Message types it answers (all initiated by the ServerApp):
 - ``query.escalate``: route the calibration or test items with the current
   threshold and send the uncertain ones (text, distribution, draft) to the LLM;
 - ``train.threshold``: take local gradient steps on tau with the LLM feedback;
-- ``evaluate.hlm``: combine local answers with the LLM's verified answers and
-  score them.
+- ``evaluate.hlm``: combine local, peer (P2P) and LLM answers and score them.
 
-Node-local state (the head, the threshold tau_i, cached LLM feedback) lives in
-``context.state`` and never leaves the node except as the updates above.
+Node-local state (the head, the threshold tau_i, cached LLM feedback, the
+cluster's P2P prototypes, the last routing) lives in ``context.state`` and
+never leaves the node except as the updates above: thresholds, head weights,
+per-class embedding sums for the prototypes, and the escalated items.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from fedhlm_app.config import validate
 from fedhlm_app.features import EncoderSpec, featurize, resolve_cache_dir
 from fedhlm_app.head import HeadConfig, SoftmaxHead, unit_rows
 from fedhlm_app.oracle import EscalationBatch
+from fedhlm_app.p2p import ClassSums, prototypes_changed, resolve
 from fedhlm_app.partition import calibration_split, cluster_of_partition, partition_clients
-from fedhlm_app.records import arrays_record, pack_escalation, record_arrays, unpack_feedback
+from fedhlm_app.records import arrays_record, pack_escalation, record_arrays, unpack_class_sums, unpack_feedback
 from fedhlm_app.threshold import ThresholdConfig, exploration_mask, local_update, loss, personalize
 from fedhlm_app.uncertainty import get_measure
 
@@ -160,11 +162,29 @@ def _set_tau(context: Context, tau: float) -> None:
     context.state["threshold"] = MetricRecord({"tau": float(tau)})
 
 
-def _known_feedback(context: Context) -> tuple[np.ndarray, np.ndarray]:
+def _known_feedback(context: Context) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Calibration items the LLM already judged: ids, rejection probability, final class."""
     if "feedback" not in context.state:
-        return np.zeros(0, np.int64), np.zeros(0)
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
     rec = context.state["feedback"]
-    return rec["ids"].numpy(), rec["beta"].numpy().astype(np.float64)
+    return rec["ids"].numpy(), rec["beta"].numpy().astype(np.float64), rec["final"].numpy()
+
+
+def _prototypes(context: Context) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """The cluster's P2P prototypes (own, neighbours), or None before the first refresh."""
+    if "prototypes" not in context.state:
+        return None
+    rec = context.state["prototypes"]
+    own = rec["own"].numpy().astype(np.float64)
+    return own, [n.astype(np.float64) for n in rec["neighbours"].numpy()]
+
+
+def _peer_tiers(context: Context, cfg: dict[str, Any], x: np.ndarray, drafts: np.ndarray) -> np.ndarray:
+    """Tier (1 own cluster, 2 neighbour, 3 LLM) of each uncertain item under peer consensus."""
+    protos = _prototypes(context)
+    if protos is None:
+        return np.full(len(drafts), 3)
+    return resolve(x, drafts, protos[0], protos[1], cfg["p2p-delta"], cfg["p2p-margin"])
 
 
 def _routing_inputs(context: Context, cfg: dict[str, Any], split: LocalSplit, data: LocalData):
@@ -230,6 +250,8 @@ def escalate(msg: Message, context: Context) -> Message:
     data = local_data(context, cfg)
     if "arrays" in msg.content:  # the final head, sent once before threshold learning
         context.state["head"] = msg.content["arrays"]
+    if "prototypes" in msg.content:  # the cluster's refreshed P2P prototypes (the token cache)
+        context.state["prototypes"] = msg.content["prototypes"]
     conf = msg.content["config"]
     split_name = str(conf["split"])
     split = data.calibration if split_name == "calibration" else data.test
@@ -237,13 +259,18 @@ def escalate(msg: Message, context: Context) -> Message:
     if split_name == "calibration":
         tau = _starting_tau(context, float(conf["tau-reference"]), cfg["personalization-alpha"])
         _set_tau(context, tau)
-        known, _ = _known_feedback(context)
+        known = _known_feedback(context)[0]
         mask = exploration_mask(h, tau, cfg["exploration-band"])
         mask[known] = False
     else:
         own = bool(conf["own-threshold"])
         tau = _starting_tau(context, float(conf["tau-reference"]), cfg["personalization-alpha"]) if own else float(conf["tau"])
-        mask = h > tau
+        tiers = np.where(h > tau, 3, 0)
+        if bool(conf["try-p2p"]):
+            uncertain = np.flatnonzero(tiers == 3)
+            tiers[uncertain] = _peer_tiers(context, cfg, split.x[uncertain], drafts[uncertain])
+        context.state["routing"] = ArrayRecord({"tiers": Array(tiers.astype(np.int8))})
+        mask = tiers == 3
     ids = np.flatnonzero(mask)
     batch = EscalationBatch(ids=ids, texts=[split.texts[i] for i in ids], probs=probs[ids], drafts=drafts[ids])
     content = pack_escalation(batch)
@@ -253,32 +280,72 @@ def escalate(msg: Message, context: Context) -> Message:
 
 @app.train("threshold")
 def train_threshold(msg: Message, context: Context) -> Message:
-    """Merge the LLM feedback and take local gradient steps on tau_i."""
+    """Merge the LLM feedback, measure P2P on it, step tau_i, share prototype sums."""
     cfg = validate(context.run_config)
     data = local_data(context, cfg)
     ids, verdict = unpack_feedback(msg.content["feedback"])
-    known_ids, known_beta = _known_feedback(context)
-    all_ids = np.concatenate([known_ids, ids])
-    all_beta = np.concatenate([known_beta, verdict.beta])
-    context.state["feedback"] = ArrayRecord({"ids": Array(all_ids.astype(np.int64)), "beta": Array(all_beta.astype(np.float32))})
-    _, h, _ = _routing_inputs(context, cfg, data.calibration, data)
-    tcfg = _threshold_config(cfg)
+    _, h, drafts = _routing_inputs(context, cfg, data.calibration, data)
     tau = _tau(context)
+    metrics: dict[str, float] = {"num-examples": len(data.calibration), "p2p-attempts": 0, "p2p-hits": 0, "p2p-false-hits": 0}
+    known_ids, known_beta, known_final = _known_feedback(context)
+    all_ids = np.concatenate([known_ids, ids]).astype(np.int64)
+    all_beta = np.concatenate([known_beta, verdict.beta])
+    all_final = np.concatenate([known_final, verdict.final]).astype(np.int64)
+    context.state["feedback"] = ArrayRecord(
+        {"ids": Array(all_ids), "beta": Array(all_beta.astype(np.float32)), "final": Array(all_final)}
+    )
+    if cfg["p2p"] and _prototypes(context) is not None:
+        # Would peers have answered the items this client escalates, and how often wrongly?
+        # Measured on every escalated item with a known LLM verdict; training itself still asks
+        # the LLM about every item, since its verdict is the learning signal.
+        sel = h[all_ids] > tau
+        items, finals = all_ids[sel], all_final[sel]
+        hits = _peer_tiers(context, cfg, data.calibration.x[items], drafts[items]) < 3
+        metrics.update(
+            {"p2p-attempts": len(items), "p2p-hits": int(hits.sum()), "p2p-false-hits": int(np.sum(hits & (finals != drafts[items])))}
+        )
+    tcfg = _threshold_config(cfg)
     n = max(len(data.calibration), 1)
     h_known = h[all_ids]
-    loss_before = loss(tau, h_known, all_beta, tcfg.lam, tcfg.kappa, n)
+    metrics["loss-before"] = loss(tau, h_known, all_beta, tcfg.lam, tcfg.kappa, n)
     tau = local_update(tau, h_known, all_beta, tcfg, n)
     _set_tau(context, tau)
-    metrics = MetricRecord(
+    metrics.update(
         {
-            "num-examples": len(data.calibration),
-            "loss-before": loss_before,
             "loss": loss(tau, h_known, all_beta, tcfg.lam, tcfg.kappa, n),
             "escalation-rate": float(np.mean(h > tau)) if len(h) else 0.0,
             "feedback-items": len(all_ids),
         }
     )
-    return Message(RecordDict({"arrays": arrays_record([np.array([tau], dtype=np.float64)]), "metrics": metrics}), reply_to=msg)
+    content = RecordDict({"arrays": arrays_record([np.array([tau], dtype=np.float64)]), "metrics": MetricRecord(metrics)})
+    if cfg["p2p"]:
+        sums = _resolved_class_sums(context, cfg, data, tau, h, drafts, all_ids, all_final)
+        previous = unpack_class_sums(context.state["p2p-sent"]).prototypes() if "p2p-sent" in context.state else None
+        if prototypes_changed(previous, unpack_class_sums(sums).prototypes()):
+            content["p2p"] = sums  # only sums that move the prototypes travel; the edge keeps the latest
+            context.state["p2p-sent"] = sums
+    return Message(content, reply_to=msg)
+
+
+def _resolved_class_sums(
+    context: Context, cfg: dict[str, Any], data: LocalData, tau: float,
+    h_cal: np.ndarray, drafts_cal: np.ndarray, verified_ids: np.ndarray, verified_final: np.ndarray,
+) -> ArrayRecord:
+    """Per-class sums of the embeddings this client resolved: confident answers and LLM-verified ones.
+
+    Sums and counts leave the node, never the embeddings themselves; float16 halves
+    the bytes at a precision (1e-3 relative) far below what a cosine threshold needs.
+    """
+    _, h_fit, drafts_fit = _routing_inputs(context, cfg, data.fit, data)
+    labels = drafts_cal.copy()
+    labels[verified_ids] = verified_final
+    resolved = h_cal <= tau
+    resolved[verified_ids] = True
+    confident_fit = h_fit <= tau
+    sums = ClassSums.of(data.fit.x[confident_fit], drafts_fit[confident_fit], data.num_classes) + ClassSums.of(
+        data.calibration.x[resolved], labels[resolved], data.num_classes
+    )
+    return ArrayRecord({"sums": Array(sums.sums.astype(np.float16)), "counts": Array(sums.counts.astype(np.float32))})
 
 
 @app.evaluate("hlm")
@@ -288,10 +355,11 @@ def evaluate_hlm(msg: Message, context: Context) -> Message:
     data = local_data(context, cfg)
     _, _, drafts = _routing_inputs(context, cfg, data.test, data)
     ids, verdict = unpack_feedback(msg.content["feedback"])
-    final = drafts.copy()
+    tiers = context.state["routing"]["tiers"].numpy()
+    final = drafts.copy()  # local and peer answers keep the draft (peers confirm it)
     final[ids] = verdict.final
-    local = np.ones(len(final), dtype=bool)
-    local[ids] = False
+    local = tiers == 0
+    peer = (tiers == 1) | (tiers == 2)
     y = data.test.y
     metrics = MetricRecord(
         {
@@ -301,6 +369,9 @@ def evaluate_hlm(msg: Message, context: Context) -> Message:
             "accepted": int(np.sum(verdict.accepted)),
             "local-correct": int(np.sum((final == y) & local)),
             "slm-correct": int(np.sum(drafts == y)),
+            "p2p-own": int(np.sum(tiers == 1)),
+            "p2p-neighbour": int(np.sum(tiers == 2)),
+            "p2p-wrong": int(np.sum(peer & (final != y))),
         }
     )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -18,6 +18,7 @@ ORACLES = ("labels",)
 UNCERTAINTIES = ("entropy", "least-confidence", "margin")
 DATA_SOURCES = ("auto", "hub", "local")
 PRECISIONS = ("auto", "fp32", "bf16")
+NEIGHBOUR_SCOPES = ("none", "all", "nearest")
 
 
 class ConfigError(ValueError):
@@ -90,6 +91,14 @@ SCHEMA: dict[str, Key] = {
     "exploration-band": Key(float, _unit, "a number in [0, 1]"),
     "personalization-alpha": Key(float, _unit, "a number in [0, 1] (1: plain FedAvg)"),
     "static-threshold": Key(float, _unit, "a number in [0, 1]"),
+    # peer-to-peer resolution
+    "p2p": Key(bool, lambda v: True, "true or false"),
+    "p2p-delta": Key(float, lambda v: -1.0 <= v <= 1.0, "a cosine in [-1, 1]"),
+    "p2p-margin": Key(float, lambda v: 0.0 <= v <= 2.0, "a number in [0, 2]"),
+    "p2p-neighbours": _one_of(NEIGHBOUR_SCOPES),
+    "p2p-neighbour-k": Key(int, _positive, "an integer >= 1"),
+    "p2p-cost": Key(float, _non_negative, "a number >= 0 (cost of a peer attempt, in LLM calls when llm-cost = 1)"),
+    "llm-cost": Key(float, _positive, "a number > 0"),
     # aggregation and oracle
     "strategy": _one_of(STRATEGIES),
     "oracle": _one_of(ORACLES),
@@ -104,6 +113,8 @@ def _coerce(name: str, value: Any, key: Key) -> Any:
     if key.kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if key.kind is str and isinstance(value, str):
+        return value
+    if key.kind is bool and isinstance(value, bool):
         return value
     raise ConfigError(f"run config '{name}' = {value!r}: must be {key.rule}")
 

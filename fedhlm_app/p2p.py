@@ -48,6 +48,11 @@ class ClassSums:
         return self.sums / np.maximum(self.counts, 1.0)[:, None]
 
 
+def prototypes_changed(old: np.ndarray | None, new: np.ndarray, tolerance: float = 2e-3) -> bool:
+    """Whether prototypes moved enough to be worth sending again (cosines shift < tolerance)."""
+    return old is None or old.shape != new.shape or bool(np.max(np.abs(old - new), initial=0.0) > tolerance)
+
+
 def cosine_to_prototypes(unit_embeddings: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
     """cos(e, proto_k) for every item and class; zero where the prototype is empty."""
     norms = np.linalg.norm(prototypes, axis=1)
@@ -123,3 +128,61 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     centre = (p + z * z / (2 * trials)) / denom
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class HitStats:
+    """P2P outcomes on a cluster's escalated calibration items (whose LLM verdict is known)."""
+
+    attempts: int = 0
+    hits: int = 0
+    false_hits: int = 0
+
+    def hit_rate(self) -> float:
+        """Estimated peer-hit probability h, with a uniform prior (Laplace) for few attempts."""
+        return (self.hits + 1) / (self.attempts + 2)
+
+
+class PeerCoordinator:
+    """The edge servers' P2P layer: per-cluster prototypes and hit statistics."""
+
+    def __init__(self, scope: str, k: int, cost_p2p: float, cost_llm: float) -> None:
+        self.scope, self.k = scope, k
+        self.cost_p2p, self.cost_llm = cost_p2p, cost_llm
+        self.sums: dict[int, ClassSums] = {}
+        self.stats: dict[int, HitStats] = {}
+        # Clients send their sums only when they changed, so the edge keeps the latest of each.
+        self._latest: dict[int, tuple[int, ClassSums]] = {}
+
+    def refresh(self, contributions: dict[int, tuple[int, ClassSums]]) -> None:
+        """Take clients' new sums ({node: (cluster, sums)}) and rebuild each cluster's total.
+
+        Hit statistics are reset too: they describe the prototypes and thresholds of the
+        round just measured, which the next ``record`` calls report.
+        """
+        self.stats = {}
+        self._latest.update(contributions)
+        totals: dict[int, ClassSums] = {}
+        for cluster, sums in self._latest.values():
+            totals[cluster] = totals[cluster] + sums if cluster in totals else sums
+        self.sums = totals
+
+    def prototypes(self) -> dict[int, np.ndarray]:
+        return {c: s.prototypes() for c, s in sorted(self.sums.items())}
+
+    def view(self, cluster: int) -> tuple[np.ndarray, list[np.ndarray]] | None:
+        """What a client of ``cluster`` receives: its prototypes and its neighbours'."""
+        protos = self.prototypes()
+        if cluster not in protos:
+            return None
+        return protos[cluster], [protos[c] for c in neighbours(cluster, protos, self.scope, self.k)]
+
+    def record(self, cluster: int, attempts: int, hits: int, false_hits: int) -> None:
+        stats = self.stats.setdefault(cluster, HitStats())
+        stats.attempts += attempts
+        stats.hits += hits
+        stats.false_hits += false_hits
+
+    def enabled(self, cluster: int) -> bool:
+        """Opportunistic collaboration: is trying peers first worth it for this cluster?"""
+        return worth_trying(self.stats.get(cluster, HitStats()).hit_rate(), self.cost_p2p, self.cost_llm)

@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from fedhlm_app.oracle import EscalationBatch
+from fedhlm_app.p2p import ClassSums
 from fedhlm_app.speculative import Verdict
 
 
@@ -69,3 +70,13 @@ def unpack_feedback(record: ArrayRecord) -> tuple[np.ndarray, Verdict]:
         accepted=record["accepted"].numpy().astype(bool),
         final=record["final"].numpy(),
     )
+
+
+def pack_prototypes(own: np.ndarray, neighbours: list[np.ndarray]) -> ArrayRecord:
+    """A cluster's class prototypes and its neighbours' (float16: cosines need no more)."""
+    stacked = np.stack(neighbours) if neighbours else np.zeros((0, *own.shape))
+    return ArrayRecord({"own": Array(own.astype(np.float16)), "neighbours": Array(stacked.astype(np.float16))})
+
+
+def unpack_class_sums(record: ArrayRecord) -> ClassSums:
+    return ClassSums(record["sums"].numpy().astype(np.float64), record["counts"].numpy().astype(np.float64))

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from fedhlm_app.ledger import Ledger
+from fedhlm_app.p2p import TIERS, PeerCoordinator, wilson_interval
 
 RESULTS_DIR_ENV = "FEDHLM_RESULTS_DIR"
 POLICY_TITLES = {
     "fedhlm": "FedHLM (learned thresholds)",
+    "fedhlm_no_p2p": "FedHLM without P2P",
     "slm_only": "SLM only",
     "static_threshold": "static threshold",
     "cloud_only": "cloud only (every item to the LLM)",
@@ -41,13 +43,41 @@ def policy_summary(per_client: dict[int, dict[str, float]]) -> dict[str, float]:
     total = lambda key: sum(c[key] for c in per_client.values())  # noqa: E731
     if n == 0:
         return {"accuracy": 0.0, "llm_rate": 0.0, "local_rate": 0.0, "num_items": 0}
+    p2p = total("p2p-own") + total("p2p-neighbour")
     return {
         "accuracy": total("correct") / n,
         "llm_rate": total("escalated") / n,
-        "local_rate": 1.0 - total("escalated") / n,
+        "local_rate": (n - total("escalated") - p2p) / n,
+        "p2p_rate": p2p / n,
         "slm_accuracy": total("slm-correct") / n,
         "llm_items": int(total("escalated")),
         "num_items": int(n),
+    }
+
+
+def p2p_summary(per_client: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """Peer answers: share by tier, hit rate among attempts, false reuse with a Wilson 95% CI."""
+    total = lambda key, rows=per_client.values(): sum(c[key] for c in rows)  # noqa: E731
+    n = total("num-examples")
+    peer = int(total("p2p-own") + total("p2p-neighbour"))
+    wrong = int(total("p2p-wrong"))
+    # Attempts: uncertain items of clients whose cluster tried peers first.
+    attempts = int(sum(c["escalated"] + c["p2p-own"] + c["p2p-neighbour"] for c in per_client.values() if c["try-p2p"]))
+    skipped = int(sum(c["escalated"] for c in per_client.values() if not c["try-p2p"]))
+    lo, hi = wilson_interval(wrong, peer)
+    counts = {
+        "local": n - total("escalated") - peer, "p2p-own-cluster": total("p2p-own"),
+        "p2p-neighbour": total("p2p-neighbour"), "llm": total("escalated"),
+    }
+    return {
+        "tiers": {t: counts[t] / n if n else 0.0 for t in TIERS},
+        "attempts": attempts,
+        "hits": peer,
+        "hit_rate": peer / attempts if attempts else 0.0,
+        "false_reuse": wrong,
+        "false_reuse_rate": wrong / peer if peer else 0.0,
+        "false_reuse_ci95": [lo, hi],
+        "skipped_items": skipped,
     }
 
 
@@ -85,6 +115,44 @@ def plot_thresholds(rounds: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _p2p_block(
+    cfg: dict[str, Any],
+    evaluation: dict[str, dict[int, dict[str, float]]],
+    info: dict[int, dict[str, Any]],
+    policies: dict[str, dict[str, float]],
+    llm_bytes: dict[str, int],
+    peers: PeerCoordinator | None,
+) -> dict[str, Any]:
+    """P2P outcomes overall and per cluster, and FedHLM with vs without P2P on the same items."""
+    if peers is None:
+        return {"enabled": False}
+    ours = evaluation["fedhlm"]
+    per_cluster = {}
+    for cluster in sorted({int(i["cluster-id"]) for i in info.values()}):
+        members = {n: row for n, row in ours.items() if int(info[n]["cluster-id"]) == cluster}
+        stats = peers.stats.get(cluster)
+        per_cluster[str(cluster)] = {
+            **p2p_summary(members),
+            "tried": peers.enabled(cluster),
+            "training_hit_rate_estimate": stats.hit_rate() if stats else None,
+            "training_attempts": stats.attempts if stats else 0,
+            "training_false_hits": stats.false_hits if stats else 0,
+        }
+    with_p2p, without = policies["fedhlm"], policies["fedhlm_no_p2p"]
+    return {
+        "enabled": True,
+        **p2p_summary(ours),
+        "per_cluster": per_cluster,
+        "cost_ratio": cfg["p2p-cost"] / cfg["llm-cost"],
+        "with_vs_without": {
+            "with_p2p": {"accuracy": with_p2p["accuracy"], "llm_rate": with_p2p["llm_rate"], "llm_bytes": llm_bytes["fedhlm"]},
+            "without_p2p": {"accuracy": without["accuracy"], "llm_rate": without["llm_rate"], "llm_bytes": llm_bytes["fedhlm_no_p2p"]},
+            "llm_rate_saved": without["llm_rate"] - with_p2p["llm_rate"],
+            "accuracy_cost": without["accuracy"] - with_p2p["accuracy"],
+        },
+    }
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -94,11 +162,11 @@ def _fmt_bytes(n: float) -> str:
 
 
 def summary_table(policies: dict[str, dict[str, float]], llm_bytes: dict[str, int]) -> list[str]:
-    rows = ["| policy | accuracy | LLM rate | local rate | bytes to LLM |", "|---|---|---|---|---|"]
+    rows = ["| policy | accuracy | LLM rate | local rate | P2P rate | bytes to LLM |", "|---|---|---|---|---|---|"]
     for name, s in policies.items():
         rows.append(
             f"| {POLICY_TITLES.get(name, name)} | {s['accuracy']:.4f} | {s['llm_rate']:.4f} | "
-            f"{s['local_rate']:.4f} | {_fmt_bytes(llm_bytes.get(name, 0))} |"
+            f"{s['local_rate']:.4f} | {s['p2p_rate']:.4f} | {_fmt_bytes(llm_bytes.get(name, 0))} |"
         )
     return rows
 
@@ -116,6 +184,7 @@ def write_report(
     training_escalations: int,
     failures: list[dict[str, Any]],
     timings: dict[str, float],
+    peers: PeerCoordinator | None = None,
 ) -> Path:
     """Write results.json, thresholds.png and summary.md; point ``latest`` at them."""
     run_name = cfg["run-name"] or time.strftime("%Y%m%d-%H%M%S")
@@ -155,6 +224,8 @@ def write_report(
         "llm_rate": ours["llm_rate"],
         "llm_reduction": 1.0 - ours["llm_rate"] / cloud_rate,
         "local_rate": ours["local_rate"],
+        "p2p_rate": ours["p2p_rate"],
+        "tiers": p2p_summary(evaluation["fedhlm"])["tiers"],
         "num_test_items": ours["num_items"],
         "final_threshold": rounds[-1]["tau_global"] if rounds else cfg["tau-init"],
         "baselines": {
@@ -167,6 +238,7 @@ def write_report(
             "clusters": {c: [r["tau_clusters"].get(c) for r in rounds] for c in sorted({c for r in rounds for c in r["tau_clusters"]}, key=int)},
             "rounds": rounds,
         },
+        "p2p": _p2p_block(cfg, evaluation, info, policies, llm_bytes, peers),
         "head_rounds": head_rounds,
         "training": {
             "llm_items": training_escalations,
@@ -179,6 +251,7 @@ def write_report(
             "training_bytes": ledger.total("setup") + ledger.total("head") + ledger.total("threshold"),
             "training_llm_bytes": ledger.total("threshold", "client->llm") + ledger.total("threshold", "llm->client"),
             "inference_llm_bytes": {name: llm_bytes[name] for name in policies},
+            "p2p_bytes": ledger.total("p2p"),
         },
         "failures": failures,
         "dataset": {"source": dataset_source, "classes": class_names},
@@ -202,6 +275,16 @@ def write_report(
         "",
         f"- LLM transmissions cut by {results['llm_reduction']:.1%} against cloud-only; "
         f"final global threshold {results['final_threshold']:.4f}.",
+        *(
+            [
+                f"- P2P: {results['p2p']['hits']} of {results['p2p']['attempts']} uncertain items answered by peers "
+                f"(false reuse {results['p2p']['false_reuse_rate']:.1%}, 95% CI "
+                f"{results['p2p']['false_reuse_ci95'][0]:.1%}-{results['p2p']['false_reuse_ci95'][1]:.1%}); "
+                f"prototype traffic {_fmt_bytes(results['communication']['p2p_bytes'])}."
+            ]
+            if results["p2p"]["enabled"]
+            else []
+        ),
         f"- Training-time LLM items: {training_escalations} "
         f"({_fmt_bytes(results['communication']['training_llm_bytes'])} to and from the LLM).",
         f"- Wall time {timings['total']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if k != "total") + ").",

@@ -29,7 +29,8 @@ from fedhlm_app.config import validate
 from fedhlm_app.head import SoftmaxHead
 from fedhlm_app.ledger import Ledger
 from fedhlm_app.oracle import make_oracle
-from fedhlm_app.records import arrays_record, pack_feedback, serialized_size, unpack_escalation
+from fedhlm_app.p2p import PeerCoordinator, prototypes_changed
+from fedhlm_app.records import arrays_record, pack_feedback, pack_prototypes, serialized_size, unpack_class_sums, unpack_escalation
 from fedhlm_app.report import write_report
 from fedhlm_app.strategy import make_strategy
 
@@ -52,11 +53,15 @@ class Exchange:
         messages = []
         for node, content in contents.items():
             items = len(content["feedback"]["ids"].numpy()) if "feedback" in content else 0
-            # The LLM's verdicts travel on the LLM link; the rest of the instruction is control.
-            feedback_bytes = serialized_size(RecordDict({"feedback": content["feedback"]})) if items else 0
-            self.ledger.add(phase, "edge->client", serialized_size(content) - feedback_bytes)
+            # The LLM's verdicts travel on the LLM link and P2P prototypes are booked as phase
+            # "p2p"; the rest of the instruction is control traffic of this phase.
+            feedback_bytes = _part_size(content, "feedback") if items else 0
+            proto_bytes = _part_size(content, "prototypes")
+            self.ledger.add(phase, "edge->client", serialized_size(content) - feedback_bytes - proto_bytes)
             if items:
                 self.ledger.add(phase, "llm->client", feedback_bytes, items=items)
+            if proto_bytes:
+                self.ledger.add("p2p", "edge->client", proto_bytes)
             messages.append(Message(content, dst_node_id=node, message_type=message_type))
         replies: dict[int, Message] = {}
         failed: set[int] = set()
@@ -66,10 +71,13 @@ class Exchange:
                 self._fail(phase, node, str(reply.error.reason))
                 failed.add(node)
                 continue
-            size = serialized_size(reply.content)
+            sums_bytes = _part_size(reply.content, "p2p")
+            size = serialized_size(reply.content) - sums_bytes
             items = len(reply.content["escalation"]["ids"].numpy()) if "escalation" in reply.content else 0
             # An escalation carries items to the LLM; an empty one is only a control reply.
             self.ledger.add(phase, "client->llm" if items else "client->edge", size, items=items)
+            if sums_bytes:
+                self.ledger.add("p2p", "client->edge", sums_bytes)
             replies[node] = reply
         for node in set(contents) - set(replies) - failed:
             self._fail(phase, node, f"no reply within {self.timeout:.0f}s")
@@ -78,6 +86,11 @@ class Exchange:
     def _fail(self, phase: str, node: int, reason: str) -> None:
         log(WARNING, "%s: node %s failed: %s", phase, node, reason)
         self.failures.append({"phase": phase, "node": node, "reason": reason})
+
+
+def _part_size(content: RecordDict, key: str) -> int:
+    """Serialized bytes of one record of a message's content (0 when absent)."""
+    return serialized_size(RecordDict({key: content[key]})) if key in content else 0
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -102,6 +115,34 @@ def _record_aggregation_traffic(ledger: Ledger, phase: str, strategy, global_arr
         ledger.add(phase, "cloud->edge", down)
 
 
+def _attach_prototypes(content: RecordDict, peers: PeerCoordinator | None, node: int, cluster: int, sent: dict[int, np.ndarray]) -> None:
+    """Send a client its cluster's P2P prototypes (and its neighbours') when they changed."""
+    view = peers.view(cluster) if peers is not None else None
+    if view is None:
+        return
+    stacked = np.stack([view[0], *view[1]])
+    if prototypes_changed(sent.get(node), stacked):  # else the client's cache is still current
+        content["prototypes"] = pack_prototypes(*view)
+        sent[node] = stacked
+
+
+def _refresh_peers(peers: PeerCoordinator, replies: dict[int, Message], cluster_of: dict[int, int], ledger: Ledger) -> None:
+    """Edge step of P2P: add up clients' per-class sums per cluster, record hit statistics."""
+    peers.refresh(
+        {node: (cluster_of[node], unpack_class_sums(r.content["p2p"])) for node, r in replies.items() if "p2p" in r.content}
+    )
+    for node, reply in replies.items():
+        metrics = reply.content["metrics"]
+        peers.record(cluster_of[node], int(metrics["p2p-attempts"]), int(metrics["p2p-hits"]), int(metrics["p2p-false-hits"]))
+    if peers.scope != "none":
+        # Each edge shares its prototypes through the cloud and receives its neighbours'.
+        for cluster, protos in peers.prototypes().items():
+            size = _part_size(RecordDict({"prototypes": pack_prototypes(protos, [])}), "prototypes")
+            view = peers.view(cluster)
+            ledger.add("p2p", "edge->cloud", size)
+            ledger.add("p2p", "cloud->edge", size * len(view[1]) if view else 0)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run FedHLM end to end and write the report."""
@@ -123,6 +164,8 @@ def main(grid: Grid, context: Context) -> None:
     cluster_of = {n: int(i["cluster-id"]) for n, i in info.items()}
     strategy = make_strategy(cfg["strategy"], cluster_of)
     strategy.summary()
+    peers = PeerCoordinator(cfg["p2p-neighbours"], cfg["p2p-neighbour-k"], cfg["p2p-cost"], cfg["llm-cost"]) if cfg["p2p"] else None
+    prototypes_sent: dict[int, np.ndarray] = {}  # node -> the prototypes it last received
     log(INFO, "setup: %d clients in clusters %s", len(info), sorted(set(cluster_of.values())))
     timings["setup"] = time.monotonic() - t0
 
@@ -150,9 +193,14 @@ def main(grid: Grid, context: Context) -> None:
     training_escalations = 0
     for rnd in range(1, cfg["threshold-rounds"] + 1):
         conf = ConfigRecord({"split": "calibration", "tau-reference": tau_global, "server-round": rnd})
-        first = RecordDict({"arrays": arrays, "config": conf})  # the final head travels once
-        later = RecordDict({"config": conf})
-        asked = exchange("threshold", "query.escalate", {n: first if rnd == 1 else later for n in cluster_of})
+        contents = {}
+        for node, cluster in cluster_of.items():
+            content = RecordDict({"config": conf})
+            if rnd == 1:
+                content["arrays"] = arrays  # the final head travels once
+            _attach_prototypes(content, peers, node, cluster, prototypes_sent)
+            contents[node] = content
+        asked = exchange("threshold", "query.escalate", contents)
         feedback, round_items = {}, 0
         for node, reply in asked.items():
             batch = unpack_escalation(reply.content)
@@ -160,6 +208,8 @@ def main(grid: Grid, context: Context) -> None:
             feedback[node] = RecordDict({"feedback": pack_feedback(batch.ids, oracle.verify(batch)), "config": ConfigRecord({"server-round": rnd})})
         replies = exchange("threshold", "train.threshold", feedback)
         training_escalations += round_items
+        if peers is not None:
+            _refresh_peers(peers, replies, cluster_of, ledger)
         tau_arrays, metrics = strategy.aggregate_train(rnd, replies.values())
         if tau_arrays is None:
             log(WARNING, "threshold round %d: no updates, keeping tau = %.4f", rnd, tau_global)
@@ -184,17 +234,26 @@ def main(grid: Grid, context: Context) -> None:
 
     # ---- 4. inference --------------------------------------------------------------------------
     t0 = time.monotonic()
+    # name -> (tau, each client's own threshold, peers tried first)
     policies = {
-        "fedhlm": (tau_global, True),
-        "slm_only": (NO_ESCALATION, False),
-        "static_threshold": (cfg["static-threshold"], False),
-        "cloud_only": (ALL_ESCALATION, False),
+        "fedhlm": (tau_global, True, peers is not None),
+        **({"fedhlm_no_p2p": (tau_global, True, False)} if peers is not None else {}),
+        "slm_only": (NO_ESCALATION, False, False),
+        "static_threshold": (cfg["static-threshold"], False, False),
+        "cloud_only": (ALL_ESCALATION, False, False),
     }
     evaluation: dict[str, dict[int, dict[str, float]]] = {}
-    for name, (tau, own) in policies.items():
+    for name, (tau, own, use_peers) in policies.items():
         phase = f"inference:{name}"
-        conf = ConfigRecord({"split": "test", "tau": float(tau), "own-threshold": own, "tau-reference": tau_global})
-        asked = exchange(phase, "query.escalate", {n: RecordDict({"config": conf}) for n in cluster_of})
+        contents = {}
+        for node, cluster in cluster_of.items():
+            # Opportunistic collaboration: peers only where the cluster's hit rate pays for them.
+            try_p2p = use_peers and peers.enabled(cluster)
+            conf = ConfigRecord({"split": "test", "tau": float(tau), "own-threshold": own, "tau-reference": tau_global, "try-p2p": try_p2p})
+            contents[node] = RecordDict({"config": conf})
+            if try_p2p and name == "fedhlm":
+                _attach_prototypes(contents[node], peers, node, cluster, prototypes_sent)  # the latest refresh
+        asked = exchange(phase, "query.escalate", contents)
         feedback, client_tau = {}, {}
         for node, reply in asked.items():
             batch = unpack_escalation(reply.content)
@@ -202,7 +261,12 @@ def main(grid: Grid, context: Context) -> None:
             feedback[node] = RecordDict({"feedback": pack_feedback(batch.ids, oracle.verify(batch)), "config": ConfigRecord({"policy": name})})
         scored = exchange(phase, "evaluate.hlm", feedback)
         evaluation[name] = {
-            node: {**{k: float(v) for k, v in r.content["metrics"].items()}, "tau": client_tau[node]} for node, r in scored.items()
+            node: {
+                **{k: float(v) for k, v in r.content["metrics"].items()},
+                "tau": client_tau[node],
+                "try-p2p": float(contents[node]["config"]["try-p2p"]),
+            }
+            for node, r in scored.items()
         }
     timings["inference"] = time.monotonic() - t0
 
@@ -218,5 +282,6 @@ def main(grid: Grid, context: Context) -> None:
         ledger=ledger,
         training_escalations=training_escalations,
         failures=exchange.failures,
+        peers=peers,
         timings={**timings, "total": time.monotonic() - started},
     )

@@ -91,3 +91,35 @@ def test_flat_fedavg_is_one_config_line(tmp_path, tiny_bert):
     assert results["config"]["strategy"] == "fedavg"
     assert sorted(results["clusters"]) == ["0", "1", "2"]  # simulation rule: partition-id blocks
     assert "edge->cloud" not in results["communication"]["by_phase_and_link"]["threshold"]
+
+
+def test_p2p_prototype_traffic_is_counted_and_tiers_add_up(four_clients_two_clusters):
+    from fedhlm_app.records import pack_prototypes, serialized_size
+    from flwr.app import RecordDict
+
+    _, (grid, results) = four_clients_two_clusters
+    ledger = results["communication"]["by_phase_and_link"]["p2p"]
+    # train.threshold replies carry a client's per-class sums whenever they changed:
+    # always in the first of the 4 rounds, at most in every round
+    assert 4 <= ledger["client->edge"]["messages"] <= 16
+    # prototypes go down with escalations (after the first refresh) and at inference, when changed
+    proto_size = serialized_size(RecordDict({"prototypes": pack_prototypes(np.zeros((4, 32)), [np.zeros((4, 32))])}))
+    sent = ledger["edge->client"]["messages"]
+    assert 4 <= sent <= 4 * 3 + 4
+    assert ledger["edge->client"]["bytes"] == pytest.approx(sent * proto_size, rel=0.01)
+    assert results["communication"]["p2p_bytes"] == sum(v["bytes"] for v in ledger.values())
+    tiers = results["tiers"]
+    assert sum(tiers.values()) == pytest.approx(1.0)
+    assert results["p2p_rate"] == pytest.approx(tiers["p2p-own-cluster"] + tiers["p2p-neighbour"])
+    assert results["llm_rate"] == pytest.approx(tiers["llm"])
+    side = results["p2p"]["with_vs_without"]
+    assert side["without_p2p"]["llm_rate"] >= side["with_p2p"]["llm_rate"]
+    assert "p2p" in grid.state(1000).keys() or "prototypes" in grid.state(1000).keys()
+
+
+def test_p2p_switch_off_removes_peer_traffic(tmp_path, tiny_bert):
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+    _, results = _run(tmp_path, tiny_bert, nodes, **{"p2p": False, "num-clients": 2, "num-clusters": 1, "threshold-rounds": 2})
+    assert results["p2p"] == {"enabled": False}
+    assert "p2p" not in results["communication"]["by_phase_and_link"]
+    assert results["p2p_rate"] == 0.0

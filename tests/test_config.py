@@ -15,6 +15,9 @@ BAD_VALUES = [
     ({"oracle": "gpt-9"}, "'oracle' = 'gpt-9'"),
     ({"lambda": 1.5}, "'lambda' = 1.5"),
     ({"seed": "x"}, "'seed' = 'x'"),
+    ({"p2p-neighbours": "some"}, "'p2p-neighbours' = 'some'"),
+    ({"p2p": "yes"}, "'p2p' = 'yes'"),
+    ({"llm-cost": 0.0}, "'llm-cost' = 0.0"),
 ]
 
 

@@ -36,9 +36,8 @@ class ClassSums:
 
     @staticmethod
     def of(unit_embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> "ClassSums":
-        sums = np.zeros((num_classes, unit_embeddings.shape[1]))
-        np.add.at(sums, labels, unit_embeddings)
-        return ClassSums(sums, np.bincount(labels, minlength=num_classes).astype(np.float64))
+        onehot = np.eye(num_classes)[labels]  # (n, C): a matmul is far faster than np.add.at
+        return ClassSums(onehot.T @ unit_embeddings, onehot.sum(axis=0))
 
     def __add__(self, other: "ClassSums") -> "ClassSums":
         return ClassSums(self.sums + other.sums, self.counts + other.counts)

@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 PRESET ?= conf/paper.toml
 ARGS ?=
 
-.PHONY: setup run smoke test clean
+.PHONY: setup run smoke test experiments clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,7 @@ test: setup
 
 clean:
 	rm -rf .flwr_home results .pytest_cache
+
+## experiments: the evaluation harness (3 seeds, every baseline, curves) -> results/experiments/report.md
+experiments: setup
+	$(PY) -m fedhlm_app.experiments $(if $(ARGS),-c "$(ARGS)")

@@ -49,9 +49,11 @@ def weighted_mean(params: Sequence[Params], weights: Sequence[float]) -> Params:
 
 
 def _by_cluster(updates: Sequence[Update]) -> dict[int, list[Update]]:
+    """Updates grouped by cluster; zero-weight updates (clients without data) carry nothing."""
     groups: dict[int, list[Update]] = defaultdict(list)
     for u in updates:
-        groups[u.cluster].append(u)
+        if u.weight > 0:
+            groups[u.cluster].append(u)
     return dict(sorted(groups.items()))
 
 

@@ -195,4 +195,6 @@ def featurize(texts: list[str], spec: EncoderSpec, cache_root: Path, progress: s
         store.put(keys[missing], fresh)
         for i, emb in zip(missing, fresh):
             cached[i] = emb
-    return np.stack(cached).astype(np.float32) if texts else np.zeros((0, 0), np.float32)
+    if not texts:  # an empty partition still needs the right width
+        return np.zeros((0, get_encoder(spec).dim), np.float32)
+    return np.stack(cached).astype(np.float32)

@@ -56,6 +56,8 @@ class SoftmaxHead:
         return softmax(x @ self.weights + self.bias)
 
     def log_loss(self, x: np.ndarray, y: np.ndarray) -> float:
+        if len(y) == 0:  # a client whose partition came out empty
+            return 0.0
         p = self.predict_proba(x)[np.arange(len(y)), y]
         return float(-np.mean(np.log(np.maximum(p, 1e-12))))
 
@@ -66,6 +68,8 @@ class SoftmaxHead:
         v = [np.zeros_like(p) for p in params]
         b1, b2, eps, step = 0.9, 0.999, 1e-8, 0
         onehot = np.eye(self.weights.shape[1])[y]
+        if len(y) == 0:
+            return self
         for _ in range(cfg.epochs):
             for idx in np.array_split(rng.permutation(len(y)), max(1, len(y) // cfg.batch_size)):
                 err = (self.predict_proba(x[idx]) - onehot[idx]) / len(idx)

@@ -13,6 +13,8 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedhlm_app.ledger import Ledger
 from fedhlm_app.p2p import TIERS, PeerCoordinator, wilson_interval
 
@@ -185,6 +187,7 @@ def write_report(
     failures: list[dict[str, Any]],
     timings: dict[str, float],
     peers: PeerCoordinator | None = None,
+    head_params: list[np.ndarray] | None = None,
 ) -> Path:
     """Write results.json, thresholds.png and summary.md; point ``latest`` at them."""
     run_name = cfg["run-name"] or time.strftime("%Y%m%d-%H%M%S")
@@ -260,6 +263,15 @@ def write_report(
         "config": {k: (str(v) if isinstance(v, float) and v == float("inf") else v) for k, v in cfg.items()},
     }
     _write_json(out / "results.json", results)
+    if head_params is not None:
+        # The learned model: the global head and each client's threshold (for later analysis).
+        tmp = out / "model.tmp.npz"
+        np.savez(
+            tmp, head_weights=head_params[0], head_bias=head_params[1],
+            partition_ids=np.array([c["partition_id"] for c in clients]), taus=np.array([c["tau"] for c in clients]),
+            clusters=np.array([c["cluster"] for c in clients]),
+        )
+        os.replace(tmp, out / "model.npz")
     if rounds:
         plot_thresholds(rounds, out / "thresholds.png")
 

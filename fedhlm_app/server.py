@@ -283,5 +283,6 @@ def main(grid: Grid, context: Context) -> None:
         training_escalations=training_escalations,
         failures=exchange.failures,
         peers=peers,
+        head_params=arrays.to_numpy_ndarrays(),
         timings={**timings, "total": time.monotonic() - started},
     )

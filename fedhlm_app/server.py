@@ -251,7 +251,7 @@ def main(grid: Grid, context: Context) -> None:
             try_p2p = use_peers and peers.enabled(cluster)
             conf = ConfigRecord({"split": "test", "tau": float(tau), "own-threshold": own, "tau-reference": tau_global, "try-p2p": try_p2p})
             contents[node] = RecordDict({"config": conf})
-            if try_p2p and name == "fedhlm":
+            if try_p2p:
                 _attach_prototypes(contents[node], peers, node, cluster, prototypes_sent)  # the latest refresh
         asked = exchange(phase, "query.escalate", contents)
         feedback, client_tau = {}, {}

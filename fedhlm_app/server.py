@@ -28,11 +28,11 @@ from fedhlm_app.client import load_server_dataset
 from fedhlm_app.config import validate
 from fedhlm_app.head import SoftmaxHead
 from fedhlm_app.ledger import Ledger
-from fedhlm_app.oracle import make_oracle
+from fedhlm_app.oracle import Oracle, make_oracle
 from fedhlm_app.p2p import PeerCoordinator, prototypes_changed
 from fedhlm_app.records import arrays_record, pack_feedback, pack_prototypes, serialized_size, unpack_class_sums, unpack_escalation
 from fedhlm_app.report import write_report
-from fedhlm_app.strategy import make_strategy
+from fedhlm_app.strategy import HierarchicalStrategy, make_strategy
 
 app = ServerApp()
 
@@ -143,80 +143,87 @@ def _refresh_peers(peers: PeerCoordinator, replies: dict[int, Message], cluster_
             ledger.add("p2p", "cloud->edge", size * len(view[1]) if view else 0)
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run FedHLM end to end and write the report."""
-    started = time.monotonic()
-    cfg = validate(context.run_config)  # fail fast, before anything loads
-    dataset = load_server_dataset(cfg)  # fails fast on missing/malformed data
-    oracle = make_oracle(cfg["oracle"], dataset, cfg["seed"])
-    ledger = Ledger()
-    exchange = Exchange(grid, ledger, cfg["round-timeout"])
-    timings: dict[str, float] = {}
+def _verify(oracle: Oracle, asked: dict[int, Message], config: ConfigRecord) -> tuple[dict[int, RecordDict], int]:
+    """The LLM's verdicts on each client's escalated items, ready to send back; and the item count."""
+    feedback, items = {}, 0
+    for node, reply in asked.items():
+        batch = unpack_escalation(reply.content)
+        items += len(batch)
+        feedback[node] = RecordDict({"feedback": pack_feedback(batch.ids, oracle.verify(batch)), "config": config})
+    return feedback, items
 
-    # ---- 1. setup ------------------------------------------------------------------------------
-    t0 = time.monotonic()
+
+@dataclass
+class Run:
+    """Everything the phases of one run share."""
+
+    cfg: dict[str, Any]
+    exchange: Exchange
+    oracle: Oracle
+    cluster_of: dict[int, int]
+    strategy: HierarchicalStrategy
+    peers: PeerCoordinator | None
+    prototypes_sent: dict[int, np.ndarray] = field(default_factory=dict)  # node -> what it last received
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.exchange.ledger
+
+    def attach_prototypes(self, content: RecordDict, node: int) -> None:
+        _attach_prototypes(content, self.peers, node, self.cluster_of[node], self.prototypes_sent)
+
+
+def setup_phase(exchange: Exchange, grid: Grid, cfg: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Phase 1: every client featurizes its data and reports its cluster and sizes."""
     nodes = wait_for_nodes(grid, cfg["min-clients"] or cfg["num-clients"], cfg["round-timeout"])
     setup = exchange("setup", "query.setup", {n: RecordDict() for n in nodes})
     if not setup:
         raise RuntimeError("no client completed setup; see the client errors above")
-    info = {n: dict(r.content["info"]) for n, r in setup.items()}
-    cluster_of = {n: int(i["cluster-id"]) for n, i in info.items()}
-    strategy = make_strategy(cfg["strategy"], cluster_of)
-    strategy.summary()
-    peers = PeerCoordinator(cfg["p2p-neighbours"], cfg["p2p-neighbour-k"], cfg["p2p-cost"], cfg["llm-cost"]) if cfg["p2p"] else None
-    prototypes_sent: dict[int, np.ndarray] = {}  # node -> the prototypes it last received
-    log(INFO, "setup: %d clients in clusters %s", len(info), sorted(set(cluster_of.values())))
-    timings["setup"] = time.monotonic() - t0
+    return {n: dict(r.content["info"]) for n, r in setup.items()}
 
-    # ---- 2. SLM head rounds --------------------------------------------------------------------
-    t0 = time.monotonic()
-    any_info = next(iter(info.values()))
-    head = SoftmaxHead(int(any_info["dim"]), int(any_info["num-classes"]))
-    arrays = arrays_record(head.get_params())
-    head_rounds = []
-    for rnd in range(1, cfg["head-rounds"] + 1):
+
+def head_phase(run: Run, dim: int, num_classes: int) -> tuple[ArrayRecord, list[dict[str, float]]]:
+    """Phase 2: federated training of the SLM head, aggregated edge then cloud."""
+    arrays = arrays_record(SoftmaxHead(dim, num_classes).get_params())
+    history = []
+    for rnd in range(1, run.cfg["head-rounds"] + 1):
         content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})})
-        replies = exchange("head", "train.head", {n: content for n in cluster_of})
-        new_arrays, metrics = strategy.aggregate_train(rnd, replies.values())
-        if new_arrays is not None:
-            arrays = new_arrays
-            _record_aggregation_traffic(ledger, "head", strategy, arrays)
-            head_rounds.append({"round": rnd, **{k: float(v) for k, v in (metrics or {}).items()}})
-            log(INFO, "head round %d: train loss %.4f, train accuracy %.4f", rnd, metrics["train-loss"], metrics["train-accuracy"])
-    timings["head"] = time.monotonic() - t0
+        replies = run.exchange("head", "train.head", {n: content for n in run.cluster_of})
+        new_arrays, metrics = run.strategy.aggregate_train(rnd, replies.values())
+        if new_arrays is None:
+            continue
+        arrays = new_arrays
+        _record_aggregation_traffic(run.ledger, "head", run.strategy, arrays)
+        history.append({"round": rnd, **{k: float(v) for k, v in metrics.items()}})
+        log(INFO, "head round %d: train loss %.4f, train accuracy %.4f", rnd, metrics["train-loss"], metrics["train-accuracy"])
+    return arrays, history
 
-    # ---- 3. threshold rounds -------------------------------------------------------------------
-    t0 = time.monotonic()
-    tau_global = cfg["tau-init"]
-    rounds = []
-    training_escalations = 0
-    for rnd in range(1, cfg["threshold-rounds"] + 1):
+
+def threshold_phase(run: Run, head: ArrayRecord) -> tuple[float, list[dict[str, Any]], int]:
+    """Phase 3: escalate, verify, step tau locally, aggregate edge then cloud; refresh P2P."""
+    tau_global = run.cfg["tau-init"]
+    rounds, training_escalations = [], 0
+    for rnd in range(1, run.cfg["threshold-rounds"] + 1):
         conf = ConfigRecord({"split": "calibration", "tau-reference": tau_global, "server-round": rnd})
         contents = {}
-        for node, cluster in cluster_of.items():
-            content = RecordDict({"config": conf})
+        for node in run.cluster_of:
+            contents[node] = RecordDict({"config": conf})
             if rnd == 1:
-                content["arrays"] = arrays  # the final head travels once
-            _attach_prototypes(content, peers, node, cluster, prototypes_sent)
-            contents[node] = content
-        asked = exchange("threshold", "query.escalate", contents)
-        feedback, round_items = {}, 0
-        for node, reply in asked.items():
-            batch = unpack_escalation(reply.content)
-            round_items += len(batch)
-            feedback[node] = RecordDict({"feedback": pack_feedback(batch.ids, oracle.verify(batch)), "config": ConfigRecord({"server-round": rnd})})
-        replies = exchange("threshold", "train.threshold", feedback)
+                contents[node]["arrays"] = head  # the final head travels once
+            run.attach_prototypes(contents[node], node)
+        asked = run.exchange("threshold", "query.escalate", contents)
+        feedback, round_items = _verify(run.oracle, asked, ConfigRecord({"server-round": rnd}))
         training_escalations += round_items
-        if peers is not None:
-            _refresh_peers(peers, replies, cluster_of, ledger)
-        tau_arrays, metrics = strategy.aggregate_train(rnd, replies.values())
+        replies = run.exchange("threshold", "train.threshold", feedback)
+        if run.peers is not None:
+            _refresh_peers(run.peers, replies, run.cluster_of, run.ledger)
+        tau_arrays, metrics = run.strategy.aggregate_train(rnd, replies.values())
         if tau_arrays is None:
             log(WARNING, "threshold round %d: no updates, keeping tau = %.4f", rnd, tau_global)
             continue
-        _record_aggregation_traffic(ledger, "threshold", strategy, tau_arrays)
+        _record_aggregation_traffic(run.ledger, "threshold", run.strategy, tau_arrays)
         tau_global = float(tau_arrays.to_numpy_ndarrays()[0][0])
-        per_cluster = {str(c): float(p[0][0]) for c, p in strategy.last.cluster_params.items()}
+        per_cluster = {str(c): float(p[0][0]) for c, p in run.strategy.last.cluster_params.items()}
         rounds.append(
             {
                 "round": rnd,
@@ -230,47 +237,76 @@ def main(grid: Grid, context: Context) -> None:
         )
         log(INFO, "threshold round %d: tau %.4f, clusters %s, loss %.4f, calibration escalation %.3f",
             rnd, tau_global, {c: round(t, 3) for c, t in per_cluster.items()}, metrics["loss"], metrics["escalation-rate"])
-    timings["threshold"] = time.monotonic() - t0
+    return tau_global, rounds, training_escalations
 
-    # ---- 4. inference --------------------------------------------------------------------------
-    t0 = time.monotonic()
+
+def inference_phase(run: Run, tau_global: float) -> dict[str, dict[int, dict[str, float]]]:
+    """Phase 4: every routing policy on the same test items; per-client scores per policy."""
+    peers = run.peers
     # name -> (tau, each client's own threshold, peers tried first)
     policies = {
         "fedhlm": (tau_global, True, peers is not None),
         **({"fedhlm_no_p2p": (tau_global, True, False)} if peers is not None else {}),
         "slm_only": (NO_ESCALATION, False, False),
-        "static_threshold": (cfg["static-threshold"], False, False),
+        "static_threshold": (run.cfg["static-threshold"], False, False),
         "cloud_only": (ALL_ESCALATION, False, False),
     }
     evaluation: dict[str, dict[int, dict[str, float]]] = {}
     for name, (tau, own, use_peers) in policies.items():
         phase = f"inference:{name}"
-        contents = {}
-        for node, cluster in cluster_of.items():
+        contents, tried = {}, {}
+        for node, cluster in run.cluster_of.items():
             # Opportunistic collaboration: peers only where the cluster's hit rate pays for them.
-            try_p2p = use_peers and peers.enabled(cluster)
-            conf = ConfigRecord({"split": "test", "tau": float(tau), "own-threshold": own, "tau-reference": tau_global, "try-p2p": try_p2p})
-            contents[node] = RecordDict({"config": conf})
-            if try_p2p:
-                _attach_prototypes(contents[node], peers, node, cluster, prototypes_sent)  # the latest refresh
-        asked = exchange(phase, "query.escalate", contents)
-        feedback, client_tau = {}, {}
-        for node, reply in asked.items():
-            batch = unpack_escalation(reply.content)
-            client_tau[node] = float(reply.content["metrics"]["tau"])
-            feedback[node] = RecordDict({"feedback": pack_feedback(batch.ids, oracle.verify(batch)), "config": ConfigRecord({"policy": name})})
-        scored = exchange(phase, "evaluate.hlm", feedback)
+            tried[node] = use_peers and peers.enabled(cluster)
+            conf = {"split": "test", "tau": float(tau), "own-threshold": own, "tau-reference": tau_global, "try-p2p": tried[node]}
+            contents[node] = RecordDict({"config": ConfigRecord(conf)})
+            if tried[node]:
+                run.attach_prototypes(contents[node], node)  # the latest refresh
+        asked = run.exchange(phase, "query.escalate", contents)
+        feedback, _ = _verify(run.oracle, asked, ConfigRecord({"policy": name}))
+        scored = run.exchange(phase, "evaluate.hlm", feedback)
         evaluation[name] = {
             node: {
                 **{k: float(v) for k, v in r.content["metrics"].items()},
-                "tau": client_tau[node],
-                "try-p2p": float(contents[node]["config"]["try-p2p"]),
+                "tau": float(asked[node].content["metrics"]["tau"]),
+                "try-p2p": float(tried[node]),
             }
             for node, r in scored.items()
         }
+    return evaluation
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run FedHLM end to end and write the report."""
+    started = time.monotonic()
+    cfg = validate(context.run_config)  # fail fast, before anything loads
+    dataset = load_server_dataset(cfg)  # fails fast on missing/malformed data
+    exchange = Exchange(grid, Ledger(), cfg["round-timeout"])
+    timings: dict[str, float] = {}
+
+    t0 = time.monotonic()
+    info = setup_phase(exchange, grid, cfg)
+    cluster_of = {n: int(i["cluster-id"]) for n, i in info.items()}
+    peers = PeerCoordinator(cfg["p2p-neighbours"], cfg["p2p-neighbour-k"], cfg["p2p-cost"], cfg["llm-cost"]) if cfg["p2p"] else None
+    run = Run(cfg, exchange, make_oracle(cfg["oracle"], dataset, cfg["seed"]), cluster_of, make_strategy(cfg["strategy"], cluster_of), peers)
+    run.strategy.summary()
+    log(INFO, "setup: %d clients in clusters %s", len(info), sorted(set(cluster_of.values())))
+    timings["setup"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    any_info = next(iter(info.values()))
+    head, head_rounds = head_phase(run, int(any_info["dim"]), int(any_info["num-classes"]))
+    timings["head"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    tau_global, rounds, training_escalations = threshold_phase(run, head)
+    timings["threshold"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    evaluation = inference_phase(run, tau_global)
     timings["inference"] = time.monotonic() - t0
 
-    # ---- 5. report -----------------------------------------------------------------------------
     write_report(
         cfg=cfg,
         dataset_source=dataset.source,
@@ -279,10 +315,10 @@ def main(grid: Grid, context: Context) -> None:
         evaluation=evaluation,
         rounds=rounds,
         head_rounds=head_rounds,
-        ledger=ledger,
+        ledger=run.ledger,
         training_escalations=training_escalations,
         failures=exchange.failures,
         peers=peers,
-        head_params=arrays.to_numpy_ndarrays(),
+        head_params=head.to_numpy_ndarrays(),
         timings={**timings, "total": time.monotonic() - started},
     )

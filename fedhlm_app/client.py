@@ -34,7 +34,9 @@ from fedhlm_app.head import HeadConfig, SoftmaxHead, unit_rows
 from fedhlm_app.oracle import EscalationBatch
 from fedhlm_app.p2p import ClassSums, prototypes_changed, resolve
 from fedhlm_app.partition import calibration_split, cluster_of_partition, partition_clients
-from fedhlm_app.records import arrays_record, pack_escalation, record_arrays, unpack_class_sums, unpack_feedback
+from fedhlm_app.records import (
+    arrays_record, pack_class_sums, pack_escalation, record_arrays, unpack_class_sums, unpack_feedback, unpack_prototypes,
+)
 from fedhlm_app.threshold import ThresholdConfig, exploration_mask, local_update, loss, personalize
 from fedhlm_app.uncertainty import get_measure
 
@@ -172,11 +174,7 @@ def _known_feedback(context: Context) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 def _prototypes(context: Context) -> tuple[np.ndarray, list[np.ndarray]] | None:
     """The cluster's P2P prototypes (own, neighbours), or None before the first refresh."""
-    if "prototypes" not in context.state:
-        return None
-    rec = context.state["prototypes"]
-    own = rec["own"].numpy().astype(np.float64)
-    return own, [n.astype(np.float64) for n in rec["neighbours"].numpy()]
+    return unpack_prototypes(context.state["prototypes"]) if "prototypes" in context.state else None
 
 
 def _peer_tiers(context: Context, cfg: dict[str, Any], x: np.ndarray, drafts: np.ndarray) -> np.ndarray:
@@ -187,9 +185,14 @@ def _peer_tiers(context: Context, cfg: dict[str, Any], x: np.ndarray, drafts: np
     return resolve(x, drafts, protos[0], protos[1], cfg["p2p-delta"], cfg["p2p-margin"])
 
 
+def routing_inputs(head: SoftmaxHead, uncertainty: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What routing needs for items with embeddings ``x``: distribution, uncertainty, draft."""
+    probs = head.predict_proba(x)
+    return probs, get_measure(uncertainty)(probs), probs.argmax(axis=1)
+
+
 def _routing_inputs(context: Context, cfg: dict[str, Any], split: LocalSplit, data: LocalData):
-    probs = _head(context, data).predict_proba(split.x)
-    return probs, get_measure(cfg["uncertainty"])(probs), probs.argmax(axis=1)
+    return routing_inputs(_head(context, data), cfg["uncertainty"], split.x)
 
 
 def _threshold_config(cfg: dict[str, Any]) -> ThresholdConfig:
@@ -319,7 +322,7 @@ def train_threshold(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({"arrays": arrays_record([np.array([tau], dtype=np.float64)]), "metrics": MetricRecord(metrics)})
     if cfg["p2p"]:
-        sums = _resolved_class_sums(context, cfg, data, tau, h, drafts, all_ids, all_final)
+        sums = pack_class_sums(_resolved_class_sums(context, cfg, data, tau, h, drafts, all_ids, all_final))
         previous = unpack_class_sums(context.state["p2p-sent"]).prototypes() if "p2p-sent" in context.state else None
         if prototypes_changed(previous, unpack_class_sums(sums).prototypes()):
             content["p2p"] = sums  # only sums that move the prototypes travel; the edge keeps the latest
@@ -330,11 +333,10 @@ def train_threshold(msg: Message, context: Context) -> Message:
 def _resolved_class_sums(
     context: Context, cfg: dict[str, Any], data: LocalData, tau: float,
     h_cal: np.ndarray, drafts_cal: np.ndarray, verified_ids: np.ndarray, verified_final: np.ndarray,
-) -> ArrayRecord:
+) -> ClassSums:
     """Per-class sums of the embeddings this client resolved: confident answers and LLM-verified ones.
 
-    Sums and counts leave the node, never the embeddings themselves; float16 halves
-    the bytes at a precision (1e-3 relative) far below what a cosine threshold needs.
+    Sums and counts leave the node, never the embeddings themselves.
     """
     _, h_fit, drafts_fit = _routing_inputs(context, cfg, data.fit, data)
     labels = drafts_cal.copy()
@@ -342,10 +344,9 @@ def _resolved_class_sums(
     resolved = h_cal <= tau
     resolved[verified_ids] = True
     confident_fit = h_fit <= tau
-    sums = ClassSums.of(data.fit.x[confident_fit], drafts_fit[confident_fit], data.num_classes) + ClassSums.of(
+    return ClassSums.of(data.fit.x[confident_fit], drafts_fit[confident_fit], data.num_classes) + ClassSums.of(
         data.calibration.x[resolved], labels[resolved], data.num_classes
     )
-    return ArrayRecord({"sums": Array(sums.sums.astype(np.float16)), "counts": Array(sums.counts.astype(np.float32))})
 
 
 @app.evaluate("hlm")

@@ -78,5 +78,14 @@ def pack_prototypes(own: np.ndarray, neighbours: list[np.ndarray]) -> ArrayRecor
     return ArrayRecord({"own": Array(own.astype(np.float16)), "neighbours": Array(stacked.astype(np.float16))})
 
 
+def unpack_prototypes(record: ArrayRecord) -> tuple[np.ndarray, list[np.ndarray]]:
+    return record["own"].numpy().astype(np.float64), [n.astype(np.float64) for n in record["neighbours"].numpy()]
+
+
+def pack_class_sums(sums: ClassSums) -> ArrayRecord:
+    """A client's per-class embedding sums (float16 halves the bytes; 1e-3 relative is plenty)."""
+    return ArrayRecord({"sums": Array(sums.sums.astype(np.float16)), "counts": Array(sums.counts.astype(np.float32))})
+
+
 def unpack_class_sums(record: ArrayRecord) -> ClassSums:
     return ClassSums(record["sums"].numpy().astype(np.float64), record["counts"].numpy().astype(np.float64))

@@ -124,6 +124,7 @@ def _p2p_block(
     policies: dict[str, dict[str, float]],
     llm_bytes: dict[str, int],
     peers: PeerCoordinator | None,
+    overall: dict[str, Any],
 ) -> dict[str, Any]:
     """P2P outcomes overall and per cluster, and FedHLM with vs without P2P on the same items."""
     if peers is None:
@@ -143,7 +144,7 @@ def _p2p_block(
     with_p2p, without = policies["fedhlm"], policies["fedhlm_no_p2p"]
     return {
         "enabled": True,
-        **p2p_summary(ours),
+        **overall,
         "per_cluster": per_cluster,
         "cost_ratio": cfg["p2p-cost"] / cfg["llm-cost"],
         "with_vs_without": {
@@ -197,6 +198,7 @@ def write_report(
 
     policies = {name: policy_summary(per_client) for name, per_client in evaluation.items()}
     ours = policies["fedhlm"]
+    ours_p2p = p2p_summary(evaluation["fedhlm"])
     cloud_rate = policies["cloud_only"]["llm_rate"] or 1.0
     llm_bytes = {name: ledger.total(f"inference:{name}", "client->llm") for name in policies}
     clients = []
@@ -228,7 +230,7 @@ def write_report(
         "llm_reduction": 1.0 - ours["llm_rate"] / cloud_rate,
         "local_rate": ours["local_rate"],
         "p2p_rate": ours["p2p_rate"],
-        "tiers": p2p_summary(evaluation["fedhlm"])["tiers"],
+        "tiers": ours_p2p["tiers"],
         "num_test_items": ours["num_items"],
         "final_threshold": rounds[-1]["tau_global"] if rounds else cfg["tau-init"],
         "baselines": {
@@ -241,7 +243,7 @@ def write_report(
             "clusters": {c: [r["tau_clusters"].get(c) for r in rounds] for c in sorted({c for r in rounds for c in r["tau_clusters"]}, key=int)},
             "rounds": rounds,
         },
-        "p2p": _p2p_block(cfg, evaluation, info, policies, llm_bytes, peers),
+        "p2p": _p2p_block(cfg, evaluation, info, policies, llm_bytes, peers, ours_p2p),
         "head_rounds": head_rounds,
         "training": {
             "llm_items": training_escalations,

@@ -1,14 +1,18 @@
 """Featurization benchmark: the naive Hugging Face baseline and FedHLM's fast path, side by side.
 
-    python bench/featurize.py [--texts 1024] [--model minilm] [--json bench/results/featurize.json]
+    python bench/featurize.py [--texts 1024] [--model minilm] [--budgets 512,1024,4096]
 
-Both paths embed the same AG News test texts in the same process:
+Every path embeds the same AG News test texts in the same process, one lever at a time:
 - naive: fp32, padding to max length 128, batch 32, texts in file order;
-- fast: ``fedhlm_app.features.Encoder`` (length-sorted dynamic padding, inference mode, bf16 autocast
-  when the CPU has native bf16 and the first batch agrees with fp32).
-It prints texts/s and their ratio, embedding cosine and argmax agreement (a softmax head fitted on
-the naive embeddings) against fp32, the encoder's GFLOP/s, and the measured matmul peak (fp32 and
-bf16, the encoder's FFN shape) for the roofline.
+- fp32, texts sorted by length and padded per batch of 128 texts (FedHLM's earlier path);
+- ``fedhlm_app.features.Encoder`` in fp32 with token-budget batches (``--budgets``: texts sorted
+  by token count, each batch padded to at most that many tokens);
+- the fast path as clients run it (``precision = "auto"``: bf16 autocast, kept only if the first
+  batch agrees with fp32), measured only on CPUs with native bf16 (AMX or AVX-512 BF16): elsewhere
+  bf16 is emulated and runs two orders of magnitude slower (see the matmul peaks).
+It prints texts/s and the ratio to naive, embedding cosine and argmax agreement (a softmax head
+fitted on the naive embeddings) against naive fp32, the useful GFLOP/s (real tokens only), and the
+measured matmul peak (fp32 and bf16, the encoder's FFN shape) for the roofline.
 """
 
 from __future__ import annotations
@@ -64,54 +68,88 @@ def matmul_peak(dtype: torch.dtype, m: int = 128 * 53, k: int = 384, n: int = 15
     return 2 * m * k * n * reps / (time.perf_counter() - started) / 1e9
 
 
+def sorted_fixed_batches(texts: list[str], model_name: str, batch: int = 128) -> tuple[np.ndarray, float]:
+    """fp32, texts sorted by length, padded per batch of ``batch`` texts (FedHLM's previous path)."""
+    encoder = Encoder(EncoderSpec(model_name, 128, "fp32"))
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.empty((len(texts), encoder.dim), np.float32)
+    started = time.perf_counter()
+    for start in range(0, len(texts), batch):
+        idx = order[start : start + batch]
+        enc = encoder.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = encoder.model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        out[idx] = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    return out, time.perf_counter() - started
+
+
+def encoder_path(texts: list[str], model_name: str, precision: str, batch_tokens: int) -> tuple[np.ndarray, float, bool]:
+    """``fedhlm_app.features.Encoder`` as the clients run it; returns embeddings, seconds, bf16 used."""
+    encoder = Encoder(EncoderSpec(model_name, 128, precision, batch_tokens))
+    encoder.encode(texts[:64])  # warm-up, and the bf16 agreement check where it applies
+    started = time.perf_counter()
+    out = encoder.encode(texts)
+    return out, time.perf_counter() - started, encoder.bf16
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=int, default=1024)
     parser.add_argument("--model", default="minilm")
+    parser.add_argument("--budgets", default="512,1024,4096", help="token budgets to compare (the default is 1024)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "featurize.json"))
     args = parser.parse_args()
     data = load_local(ROOT / "data" / "ag_news", "train.csv", "test.csv")
     texts, labels = data.test.texts[: args.texts], data.test.labels[: args.texts]
 
     naive, naive_s, tokens = naive_embed(texts, args.model)
-    encoder = Encoder(EncoderSpec(args.model, 128, "auto", 128))
-    encoder.encode(texts[:64])  # warm-up, and the bf16 agreement check where it applies
-    started = time.perf_counter()
-    fast = encoder.encode(texts)
-    fast_s = time.perf_counter() - started
-
-    cos = np.sum(unit_rows(naive) * unit_rows(fast), axis=1)
+    config = Encoder(EncoderSpec(args.model, 128, "fp32")).model.config
+    flops = encoder_flops(config, tokens)
     half = len(texts) // 2  # fit a head on half the naive embeddings, compare argmax on the rest
     head = SoftmaxHead(naive.shape[1], data.num_classes).fit(
         unit_rows(naive[:half]), labels[:half], HeadConfig(epochs=30), np.random.default_rng(0)
     )
-    agree = float(np.mean(head.predict_proba(unit_rows(naive[half:])).argmax(1) == head.predict_proba(unit_rows(fast[half:])).argmax(1)))
-    flops = encoder_flops(encoder.model.config, tokens)
+    naive_argmax = head.predict_proba(unit_rows(naive[half:])).argmax(1)
+
+    def row(path: str, emb: np.ndarray, seconds: float) -> dict:
+        cos = np.sum(unit_rows(naive) * unit_rows(emb), axis=1)
+        return {
+            "path": path,
+            "texts_per_s": len(texts) / seconds,
+            "speedup": naive_s / seconds,
+            "cosine_min": float(cos.min()),
+            "argmax_agreement": float(np.mean(head.predict_proba(unit_rows(emb[half:])).argmax(1) == naive_argmax)),
+            "gflops": flops / seconds / 1e9,  # useful FLOPs (real tokens only)
+        }
+
+    rows = [row("naive: fp32, pad to 128, batch 32, unsorted", naive, naive_s)]
+    rows.append(row("fp32, length-sorted, batch 128 texts", *sorted_fixed_batches(texts, args.model)))
+    for budget in [int(b) for b in args.budgets.split(",")]:
+        rows.append(row(f"fp32, length-sorted, {budget}-token batches", *encoder_path(texts, args.model, "fp32", budget)[:2]))
+    if cpu_has_native_bf16():
+        emb, seconds, used = encoder_path(texts, args.model, "auto", 1024)
+        rows.append(row(f"fast path: {'bf16 autocast' if used else 'fp32 (bf16 disagreed)'}, 1024-token batches", emb, seconds))
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     result = {
         "texts": len(texts),
         "mean_tokens": float(tokens.mean()),
-        "cpu_native_bf16": cpu_has_native_bf16(),
-        "fast_path_bf16": encoder.bf16,
-        "torch_threads": torch.get_num_threads(),
-        "naive_texts_per_s": len(texts) / naive_s,
-        "fast_texts_per_s": len(texts) / fast_s,
-        "speedup": naive_s / fast_s,
-        "cosine_min": float(cos.min()),
-        "cosine_mean": float(cos.mean()),
-        "argmax_agreement": agree,
         "gflop_per_text": flops / len(texts) / 1e9,
-        "fast_gflops": flops / fast_s / 1e9,
-        "matmul_peak_gflops_fp32": matmul_peak(torch.float32),
-        "matmul_peak_gflops_bf16": matmul_peak(torch.bfloat16),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "torch_threads": torch.get_num_threads(),
+        "matmul_peak_gflops": peaks,
+        "rows": rows,
+        "best_speedup": max(r["speedup"] for r in rows[1:]),
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print("| path | texts/s | ratio |\n|---|---|---|")
-    print(f"| naive (fp32, pad 128, batch 32, unsorted) | {result['naive_texts_per_s']:.1f} | 1.00 |")
-    print(f"| fast ({'bf16' if encoder.bf16 else 'fp32'}, sorted, dynamic padding) | {result['fast_texts_per_s']:.1f} | {result['speedup']:.2f} |")
-    print(f"cosine min {result['cosine_min']:.5f}, argmax agreement {agree:.4f}, {result['gflop_per_text']:.2f} GFLOP/text, "
-          f"fast path {result['fast_gflops']:.0f} GFLOP/s vs matmul peak fp32 {result['matmul_peak_gflops_fp32']:.0f} / "
-          f"bf16 {result['matmul_peak_gflops_bf16']:.0f} GFLOP/s")
+    print("| path | texts/s | vs naive | min cosine | argmax agreement | GFLOP/s |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['path']} | {r['texts_per_s']:.1f} | {r['speedup']:.2f}x | {r['cosine_min']:.5f} | "
+              f"{r['argmax_agreement']:.4f} | {r['gflops']:.0f} |")
+    print(f"{len(texts)} AG News test texts, {result['mean_tokens']:.1f} tokens on average, "
+          f"{result['gflop_per_text']:.2f} GFLOP per text; matmul peak of the encoder's FFN shape: "
+          f"fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s; native bf16: {result['cpu_native_bf16']}")
     return 0
 
 

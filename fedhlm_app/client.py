@@ -90,7 +90,7 @@ def _partitions(args: tuple, max_train: int, max_test: int, seed: int, n: int, a
 
 
 def _encode(split: data_mod.Split, cfg: dict[str, Any], label: str) -> LocalSplit:
-    spec = EncoderSpec(cfg["slm-model"], cfg["max-length"], cfg["precision"], cfg["batch-size"])
+    spec = EncoderSpec(cfg["slm-model"], cfg["max-length"], cfg["precision"], cfg["batch-tokens"])
     x = featurize(split.texts, spec, resolve_cache_dir(cfg["cache-dir"]), progress=label)
     return LocalSplit(unit_rows(x), split.labels, split.texts)
 

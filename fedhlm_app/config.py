@@ -74,7 +74,7 @@ SCHEMA: dict[str, Key] = {
     "slm-model": Key(str, bool, "'minilm' (packaged all-MiniLM-L6-v2), a Hub id or a local path"),
     "max-length": Key(int, lambda v: 8 <= v <= 512, "an integer in [8, 512]"),
     "precision": _one_of(PRECISIONS),
-    "batch-size": Key(int, _positive, "an integer >= 1"),
+    "batch-tokens": Key(int, _positive, "an integer >= 1"),
     "cache-dir": Key(str, lambda v: True, "a folder (empty: $FEDHLM_CACHE_DIR or ~/.cache/fedhlm)"),
     "head-rounds": Key(int, _non_negative, "an integer >= 0"),
     "head-epochs": Key(int, _positive, "an integer >= 1"),

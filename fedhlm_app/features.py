@@ -7,9 +7,11 @@ run or configuration that meets the same text again reads it back instead of
 running the encoder. Shards are written atomically under unique names, so
 concurrent clients (Ray actors, SuperNodes sharing a disk) never clash.
 
-Speed: texts are sorted by length and padded per batch (dynamic padding), run
-under ``torch.inference_mode``, and under bf16 autocast when the CPU has native
-bf16 units (AMX or AVX-512 BF16) and the first batch agrees with fp32.
+Speed: texts are tokenized once, sorted by length and grouped into batches of
+at most ``batch_tokens`` padded tokens (dynamic padding: almost no pad tokens,
+and small batches stay in the CPU's caches), run under ``torch.inference_mode``,
+and under bf16 autocast when the CPU has native bf16 units (AMX or AVX-512 BF16)
+and the first batch agrees with fp32. ``bench/featurize.py`` measures each lever.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class EncoderSpec:
     model: str
     max_length: int
     precision: str  # "auto" | "fp32" | "bf16"
-    batch_size: int
+    batch_tokens: int = 1024  # padded tokens per batch; does not change the embeddings
 
 
 class Encoder:
@@ -128,20 +130,18 @@ class Encoder:
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
 
-    def _embed(self, texts: list[str], bf16: bool) -> np.ndarray:
+    def _embed(self, features: list[dict], bf16: bool) -> np.ndarray:
         torch = self._torch
-        enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="pt"
-        )
+        enc = self.tokenizer.pad(features, return_tensors="pt")
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             hidden = self.model(**enc).last_hidden_state.float()
         mask = enc["attention_mask"].unsqueeze(-1).float()
         return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).numpy()
 
-    def _embed_batch(self, texts: list[str]) -> np.ndarray:
+    def _embed_batch(self, features: list[dict]) -> np.ndarray:
         if self.bf16 and not self._checked_bf16:
             # Keep bf16 only if it agrees with fp32 on real inputs.
-            fast, exact = self._embed(texts, True), self._embed(texts, False)
+            fast, exact = self._embed(features, True), self._embed(features, False)
             cos = np.sum(fast * exact, 1) / (np.linalg.norm(fast, axis=1) * np.linalg.norm(exact, axis=1))
             self._checked_bf16 = True
             if cos.min() < BF16_AGREEMENT:
@@ -149,20 +149,38 @@ class Encoder:
                 self.bf16 = False
                 return exact
             return fast
-        return self._embed(texts, self.bf16)
+        return self._embed(features, self.bf16)
 
     def encode(self, texts: list[str], progress: str = "") -> np.ndarray:
-        """Embeddings of ``texts`` (n, dim), computed in length-sorted batches."""
+        """Embeddings of ``texts`` (n, dim), computed in length-sorted token-budget batches."""
         from tqdm.auto import tqdm
 
-        order = np.argsort([len(t) for t in texts], kind="stable")
+        ids = self.tokenizer(texts, truncation=True, max_length=self.spec.max_length)
+        features = [{k: ids[k][i] for k in ids} for i in range(len(texts))]
+        lengths = np.array([len(f["input_ids"]) for f in features])
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        bs = self.spec.batch_size
-        starts = range(0, len(texts), bs)
-        for start in tqdm(starts, desc=progress or "featurize", unit="batch", disable=not progress):
-            idx = order[start : start + bs]
-            out[idx] = self._embed_batch([texts[i] for i in idx])
+        for idx in tqdm(token_budget_batches(lengths, self.spec.batch_tokens), desc=progress or "featurize",
+                        unit="batch", disable=not progress):
+            out[idx] = self._embed_batch([features[i] for i in idx])
         return out
+
+
+def token_budget_batches(lengths: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Indices grouped shortest first so that each batch pads to at most ``budget`` tokens.
+
+    A text longer than the budget still gets a batch of its own.
+    """
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    for i in np.argsort(lengths, kind="stable"):
+        # Sorted ascending, so adding text i pads the whole batch to its length.
+        if current and (len(current) + 1) * lengths[i] > budget:
+            batches.append(np.array(current))
+            current = []
+        current.append(int(i))
+    if current:
+        batches.append(np.array(current))
+    return batches
 
 
 @lru_cache(maxsize=2)

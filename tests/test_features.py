@@ -32,9 +32,20 @@ def test_partial_cache_computes_only_missing(tmp_path, tiny_bert):
 
 
 def test_batching_and_sorting_do_not_change_embeddings(tiny_bert):
-    enc_a = features.Encoder(EncoderSpec(str(tiny_bert), 32, "fp32", 1))
-    enc_b = features.Encoder(EncoderSpec(str(tiny_bert), 32, "fp32", 4))
-    assert np.allclose(enc_a.encode(TEXTS), enc_b.encode(TEXTS), atol=1e-5)
+    one_per_batch = features.Encoder(EncoderSpec(str(tiny_bert), 32, "fp32", 1))
+    all_in_one = features.Encoder(EncoderSpec(str(tiny_bert), 32, "fp32", 1024))
+    assert np.allclose(one_per_batch.encode(TEXTS), all_in_one.encode(TEXTS), atol=1e-5)
+
+
+def test_token_budget_batches_cover_every_text_once_within_budget():
+    lengths = np.array([50, 3, 7, 7, 120, 20, 3, 64])
+    batches = features.token_budget_batches(lengths, budget=64)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    for batch in batches:
+        # padded size within budget, except a single text longer than the budget
+        assert len(batch) * lengths[batch].max() <= 64 or len(batch) == 1
+    assert [lengths[b].max() for b in batches] == sorted(lengths[b].max() for b in batches)  # shortest first
+    assert len(batches[0]) == 4  # 3, 3, 7, 7: four texts padded to 7 tokens
 
 
 def test_feature_store_roundtrip(tmp_path):

@@ -43,3 +43,26 @@ def test_test_split_follows_train_label_mix():
 
 def test_cluster_rule_makes_contiguous_blocks():
     assert [cluster_of_partition(i, 20, 4) for i in range(20)] == [i // 5 for i in range(20)]
+
+
+@pytest.mark.parametrize("num_partitions,alpha,seed", [(20, 0.5, 42), (50, 1.0, 3), (7, 0.2, 0)])
+def test_dirichlet_split_is_draw_for_draw_flwr_datasets(num_partitions, alpha, seed):
+    """Our numpy port gives exactly flwr-datasets' DirichletPartitioner partitions."""
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    from fedhlm_app.partition import dirichlet_train_partition
+
+    train = np.random.default_rng(1).integers(0, 4, size=5000)
+    reference = DirichletPartitioner(num_partitions, "label", alpha, min_partition_size=10, self_balancing=True, seed=seed)
+    reference.dataset = datasets.Dataset.from_dict({"label": train.tolist(), "row": np.arange(len(train))})
+    ours = dirichlet_train_partition(train, num_partitions, alpha, seed, 10)
+    for pid, part in enumerate(ours):
+        assert np.array_equal(part, np.sort(np.asarray(reference.load_partition(pid)["row"])))
+
+
+def test_impossible_min_partition_size_is_a_clear_error():
+    from fedhlm_app.partition import dirichlet_train_partition
+
+    with pytest.raises(ValueError, match="min-partition-size"):
+        dirichlet_train_partition(np.zeros(100, dtype=int), 20, 0.5, 0, 50)

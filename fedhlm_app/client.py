@@ -18,13 +18,14 @@ per-class embedding sums for the prototypes, and the escalated items.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedhlm_app import data as data_mod
@@ -35,7 +36,8 @@ from fedhlm_app.oracle import EscalationBatch
 from fedhlm_app.p2p import ClassSums, prototypes_changed, resolve
 from fedhlm_app.partition import calibration_split, cluster_of_partition, partition_clients
 from fedhlm_app.records import (
-    arrays_record, pack_class_sums, pack_escalation, record_arrays, unpack_class_sums, unpack_feedback, unpack_prototypes,
+    arrays_record, pack_class_sums, pack_escalation, record_arrays, to_array, to_numpy, unpack_class_sums, unpack_feedback,
+    unpack_prototypes,
 )
 from fedhlm_app.threshold import ThresholdConfig, exploration_mask, local_update, loss, personalize
 from fedhlm_app.uncertainty import get_measure
@@ -50,6 +52,9 @@ class LocalSplit:
     x: np.ndarray
     y: np.ndarray
     texts: list[str]
+    # (head digest, uncertainty measure) -> routing inputs; the head is fixed after training,
+    # so threshold and inference rounds reuse them instead of rerunning the head.
+    routing: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -64,6 +69,16 @@ class LocalData:
 
 
 # ---- data ---------------------------------------------------------------------------------------
+
+
+def run_config(context: Context) -> dict[str, Any]:
+    """The validated run config (validated once per process and config, not per message)."""
+    return dict(_validated(tuple(sorted(context.run_config.items()))))
+
+
+@lru_cache(maxsize=8)
+def _validated(items: tuple) -> tuple:
+    return tuple(validate(dict(items)).items())
 
 
 def _data_args(cfg: dict[str, Any]) -> tuple:
@@ -95,7 +110,7 @@ def _encode(split: data_mod.Split, cfg: dict[str, Any], label: str) -> LocalSpli
     return LocalSplit(unit_rows(x), split.labels, split.texts)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=1024)  # a Ray actor serves many nodes: keep all of them (bench/rounds.py: 200)
 def _local_data_cached(cfg_items: tuple, partition_id: int, num_partitions: int, data_path: str) -> LocalData:
     cfg = dict(cfg_items)
     if data_path:
@@ -169,7 +184,7 @@ def _known_feedback(context: Context) -> tuple[np.ndarray, np.ndarray, np.ndarra
     if "feedback" not in context.state:
         return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
     rec = context.state["feedback"]
-    return rec["ids"].numpy(), rec["beta"].numpy().astype(np.float64), rec["final"].numpy()
+    return to_numpy(rec["ids"]), to_numpy(rec["beta"]).astype(np.float64), to_numpy(rec["final"])
 
 
 def _prototypes(context: Context) -> tuple[np.ndarray, list[np.ndarray]] | None:
@@ -191,8 +206,23 @@ def routing_inputs(head: SoftmaxHead, uncertainty: str, x: np.ndarray) -> tuple[
     return probs, get_measure(uncertainty)(probs), probs.argmax(axis=1)
 
 
+def _head_digest(context: Context) -> bytes:
+    """A hash of this node's head weights (empty before it has one)."""
+    if "head" not in context.state:
+        return b""
+    return hashlib.blake2b(b"".join(a.data for a in context.state["head"].values()), digest_size=16).digest()
+
+
 def _routing_inputs(context: Context, cfg: dict[str, Any], split: LocalSplit, data: LocalData):
-    return routing_inputs(_head(context, data), cfg["uncertainty"], split.x)
+    """``routing_inputs`` of a split under this node's head, computed once per head."""
+    key = (_head_digest(context), cfg["uncertainty"])
+    if key not in split.routing:
+        split.routing.clear()  # one head at a time keeps memory bounded
+        arrays = routing_inputs(_head(context, data), cfg["uncertainty"], split.x)
+        for a in arrays:
+            a.setflags(write=False)  # shared by later messages: callers copy before changing
+        split.routing[key] = arrays
+    return split.routing[key]
 
 
 def _threshold_config(cfg: dict[str, Any]) -> ThresholdConfig:
@@ -207,7 +237,7 @@ def _threshold_config(cfg: dict[str, Any]) -> ThresholdConfig:
 @app.query("setup")
 def setup(msg: Message, context: Context) -> Message:
     """Load and featurize the local data; report cluster and sizes."""
-    cfg = validate(context.run_config)
+    cfg = run_config(context)
     data = local_data(context, cfg)
     info = ConfigRecord(
         {
@@ -226,7 +256,7 @@ def setup(msg: Message, context: Context) -> Message:
 @app.train("head")
 def train_head(msg: Message, context: Context) -> Message:
     """Fit the head on the local fit split, starting from the global weights."""
-    cfg = validate(context.run_config)
+    cfg = run_config(context)
     data = local_data(context, cfg)
     head = SoftmaxHead(data.fit.x.shape[1], data.num_classes).set_params(record_arrays(msg.content["arrays"]))
     server_round = int(msg.content["config"]["server-round"])
@@ -249,7 +279,7 @@ def escalate(msg: Message, context: Context) -> Message:
     the LLM's verdict on an item does not change). Test (inference): it sends
     exactly the items the policy's threshold escalates.
     """
-    cfg = validate(context.run_config)
+    cfg = run_config(context)
     data = local_data(context, cfg)
     if "arrays" in msg.content:  # the final head, sent once before threshold learning
         context.state["head"] = msg.content["arrays"]
@@ -272,7 +302,7 @@ def escalate(msg: Message, context: Context) -> Message:
         if bool(conf["try-p2p"]):
             uncertain = np.flatnonzero(tiers == 3)
             tiers[uncertain] = _peer_tiers(context, cfg, split.x[uncertain], drafts[uncertain])
-        context.state["routing"] = ArrayRecord({"tiers": Array(tiers.astype(np.int8))})
+        context.state["routing"] = ArrayRecord({"tiers": to_array(tiers.astype(np.int8))})
         mask = tiers == 3
     ids = np.flatnonzero(mask)
     batch = EscalationBatch(ids=ids, texts=[split.texts[i] for i in ids], probs=probs[ids], drafts=drafts[ids])
@@ -284,7 +314,7 @@ def escalate(msg: Message, context: Context) -> Message:
 @app.train("threshold")
 def train_threshold(msg: Message, context: Context) -> Message:
     """Merge the LLM feedback, measure P2P on it, step tau_i, share prototype sums."""
-    cfg = validate(context.run_config)
+    cfg = run_config(context)
     data = local_data(context, cfg)
     ids, verdict = unpack_feedback(msg.content["feedback"])
     _, h, drafts = _routing_inputs(context, cfg, data.calibration, data)
@@ -295,7 +325,7 @@ def train_threshold(msg: Message, context: Context) -> Message:
     all_beta = np.concatenate([known_beta, verdict.beta])
     all_final = np.concatenate([known_final, verdict.final]).astype(np.int64)
     context.state["feedback"] = ArrayRecord(
-        {"ids": Array(all_ids), "beta": Array(all_beta.astype(np.float32)), "final": Array(all_final)}
+        {"ids": to_array(all_ids), "beta": to_array(all_beta.astype(np.float32)), "final": to_array(all_final)}
     )
     if cfg["p2p"] and _prototypes(context) is not None:
         # Would peers have answered the items this client escalates, and how often wrongly?
@@ -352,11 +382,11 @@ def _resolved_class_sums(
 @app.evaluate("hlm")
 def evaluate_hlm(msg: Message, context: Context) -> Message:
     """Score the HLM answers: the SLM draft where local, the LLM's answer where escalated."""
-    cfg = validate(context.run_config)
+    cfg = run_config(context)
     data = local_data(context, cfg)
     _, _, drafts = _routing_inputs(context, cfg, data.test, data)
     ids, verdict = unpack_feedback(msg.content["feedback"])
-    tiers = context.state["routing"]["tiers"].numpy()
+    tiers = to_numpy(context.state["routing"]["tiers"])
     final = drafts.copy()  # local and peer answers keep the draft (peers confirm it)
     final[ids] = verdict.final
     local = tiers == 0

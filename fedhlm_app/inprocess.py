@@ -34,6 +34,7 @@ class LocalGrid(Grid):
             for i, nc in enumerate(node_configs)
         }
         self._run = None
+        self._replies: dict[str, Message] = {}  # message id -> the ClientApp's reply, until pulled
         self.sent: list[str] = []
 
     def set_run(self, run_id):  # Grid API
@@ -50,21 +51,24 @@ class LocalGrid(Grid):
         return list(self._ctx)
 
     def push_messages(self, messages):
-        raise NotImplementedError("LocalGrid only supports send_and_receive")
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError("LocalGrid only supports send_and_receive")
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
+        """Run the ClientApp on each message at once; its reply waits for ``pull_messages``."""
+        ids = []
         for m in messages:
             m.metadata.__dict__["_message_id"] = uuid4().hex  # what Flower's InMemoryGrid does
             self.sent.append(m.metadata.message_type)
             try:
-                out.append(self._app(m, self._ctx[m.metadata.dst_node_id]))
+                reply = self._app(m, self._ctx[m.metadata.dst_node_id])
             except Exception as exc:  # noqa: BLE001 - as in Flower, a failing ClientApp becomes an error reply
-                out.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=m))
-        return out
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=m)
+            self._replies[m.metadata.message_id] = reply
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
     def state(self, node_id: int) -> RecordDict:
         return self._ctx[node_id].state

@@ -189,6 +189,7 @@ def write_report(
     timings: dict[str, float],
     peers: PeerCoordinator | None = None,
     head_params: list[np.ndarray] | None = None,
+    started_epoch: float | None = None,
 ) -> Path:
     """Write results.json, thresholds.png and summary.md; point ``latest`` at them."""
     run_name = cfg["run-name"] or time.strftime("%Y%m%d-%H%M%S")
@@ -262,6 +263,7 @@ def write_report(
         "dataset": {"source": dataset_source, "classes": class_names},
         "wall_time_s": timings["total"],
         "timings_s": timings,
+        "started_epoch": started_epoch,  # when the ServerApp started (Unix time), for bench/main_job.py
         "config": {k: (str(v) if isinstance(v, float) and v == float("inf") else v) for k, v in cfg.items()},
     }
     _write_json(out / "results.json", results)

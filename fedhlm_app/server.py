@@ -30,7 +30,10 @@ from fedhlm_app.head import SoftmaxHead
 from fedhlm_app.ledger import Ledger
 from fedhlm_app.oracle import Oracle, make_oracle
 from fedhlm_app.p2p import PeerCoordinator, prototypes_changed
-from fedhlm_app.records import arrays_record, pack_feedback, pack_prototypes, serialized_size, unpack_class_sums, unpack_escalation
+from fedhlm_app.records import (
+    array_items, arrays_record, pack_feedback, pack_prototypes, record_arrays, serialized_size, unpack_class_sums,
+    unpack_escalation,
+)
 from fedhlm_app.report import write_report
 from fedhlm_app.strategy import HierarchicalStrategy, make_strategy
 
@@ -52,7 +55,7 @@ class Exchange:
     def __call__(self, phase: str, message_type: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
         messages = []
         for node, content in contents.items():
-            items = len(content["feedback"]["ids"].numpy()) if "feedback" in content else 0
+            items = array_items(content["feedback"], "ids") if "feedback" in content else 0
             # The LLM's verdicts travel on the LLM link and P2P prototypes are booked as phase
             # "p2p"; the rest of the instruction is control traffic of this phase.
             feedback_bytes = _part_size(content, "feedback") if items else 0
@@ -65,7 +68,7 @@ class Exchange:
             messages.append(Message(content, dst_node_id=node, message_type=message_type))
         replies: dict[int, Message] = {}
         failed: set[int] = set()
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+        for reply in send_and_receive(self.grid, messages, self.timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self._fail(phase, node, str(reply.error.reason))
@@ -73,7 +76,7 @@ class Exchange:
                 continue
             sums_bytes = _part_size(reply.content, "p2p")
             size = serialized_size(reply.content) - sums_bytes
-            items = len(reply.content["escalation"]["ids"].numpy()) if "escalation" in reply.content else 0
+            items = array_items(reply.content["escalation"], "ids") if "escalation" in reply.content else 0
             # An escalation carries items to the LLM; an empty one is only a control reply.
             self.ledger.add(phase, "client->llm" if items else "client->edge", size, items=items)
             if sums_bytes:
@@ -86,6 +89,31 @@ class Exchange:
     def _fail(self, phase: str, node: int, reason: str) -> None:
         log(WARNING, "%s: node %s failed: %s", phase, node, reason)
         self.failures.append({"phase": phase, "node": node, "reason": reason})
+
+
+# Reply polling: fast at first (a simulated round trip takes milliseconds), then backing off.
+FIRST_POLL_S, MAX_POLL_S = 0.005, 0.25
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Push ``messages`` and collect their replies until all are in or ``timeout`` passes.
+
+    ``Grid.send_and_receive`` polls every 0.1 s in simulation and every 3 s in deployment,
+    a floor under every exchange; FedHLM exchanges tiny messages many times per round, so
+    this polls from 5 ms up, doubling the wait while nothing arrives.
+    """
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    wait = FIRST_POLL_S
+    while pending and time.monotonic() < deadline:
+        pulled = list(grid.pull_messages(pending))
+        replies.extend(pulled)
+        pending.difference_update(m.metadata.reply_to_message_id for m in pulled)
+        wait = FIRST_POLL_S if pulled else min(2 * wait, MAX_POLL_S)
+        if pending:
+            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+    return replies
 
 
 def _part_size(content: RecordDict, key: str) -> int:
@@ -187,6 +215,7 @@ def head_phase(run: Run, dim: int, num_classes: int) -> tuple[ArrayRecord, list[
     arrays = arrays_record(SoftmaxHead(dim, num_classes).get_params())
     history = []
     for rnd in range(1, run.cfg["head-rounds"] + 1):
+        round_started = time.monotonic()
         content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})})
         replies = run.exchange("head", "train.head", {n: content for n in run.cluster_of})
         new_arrays, metrics = run.strategy.aggregate_train(rnd, replies.values())
@@ -194,7 +223,7 @@ def head_phase(run: Run, dim: int, num_classes: int) -> tuple[ArrayRecord, list[
             continue
         arrays = new_arrays
         _record_aggregation_traffic(run.ledger, "head", run.strategy, arrays)
-        history.append({"round": rnd, **{k: float(v) for k, v in metrics.items()}})
+        history.append({"round": rnd, **{k: float(v) for k, v in metrics.items()}, "seconds": time.monotonic() - round_started})
         log(INFO, "head round %d: train loss %.4f, train accuracy %.4f", rnd, metrics["train-loss"], metrics["train-accuracy"])
     return arrays, history
 
@@ -204,6 +233,7 @@ def threshold_phase(run: Run, head: ArrayRecord) -> tuple[float, list[dict[str, 
     tau_global = run.cfg["tau-init"]
     rounds, training_escalations = [], 0
     for rnd in range(1, run.cfg["threshold-rounds"] + 1):
+        round_started = time.monotonic()
         conf = ConfigRecord({"split": "calibration", "tau-reference": tau_global, "server-round": rnd})
         contents = {}
         for node in run.cluster_of:
@@ -222,7 +252,7 @@ def threshold_phase(run: Run, head: ArrayRecord) -> tuple[float, list[dict[str, 
             log(WARNING, "threshold round %d: no updates, keeping tau = %.4f", rnd, tau_global)
             continue
         _record_aggregation_traffic(run.ledger, "threshold", run.strategy, tau_arrays)
-        tau_global = float(tau_arrays.to_numpy_ndarrays()[0][0])
+        tau_global = float(record_arrays(tau_arrays)[0][0])
         per_cluster = {str(c): float(p[0][0]) for c, p in run.strategy.last.cluster_params.items()}
         rounds.append(
             {
@@ -233,6 +263,7 @@ def threshold_phase(run: Run, head: ArrayRecord) -> tuple[float, list[dict[str, 
                 "escalation_rate": float(metrics["escalation-rate"]),
                 "llm_items": round_items,
                 "clients": len(replies),
+                "seconds": time.monotonic() - round_started,
             }
         )
         log(INFO, "threshold round %d: tau %.4f, clusters %s, loss %.4f, calibration escalation %.3f",
@@ -279,7 +310,7 @@ def inference_phase(run: Run, tau_global: float) -> dict[str, dict[int, dict[str
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run FedHLM end to end and write the report."""
-    started = time.monotonic()
+    started, started_epoch = time.monotonic(), time.time()  # the epoch lets bench/ place the app in a launch
     cfg = validate(context.run_config)  # fail fast, before anything loads
     dataset = load_server_dataset(cfg)  # fails fast on missing/malformed data
     exchange = Exchange(grid, Ledger(), cfg["round-timeout"])
@@ -319,6 +350,7 @@ def main(grid: Grid, context: Context) -> None:
         training_escalations=training_escalations,
         failures=exchange.failures,
         peers=peers,
-        head_params=head.to_numpy_ndarrays(),
+        head_params=record_arrays(head),
         timings={**timings, "total": time.monotonic() - started},
+        started_epoch=started_epoch,
     )

@@ -106,7 +106,7 @@ class EncoderSpec:
     model: str
     max_length: int
     precision: str  # "auto" | "fp32" | "bf16"
-    batch_tokens: int = 1024  # padded tokens per batch; does not change the embeddings
+    batch_tokens: int = 2048  # padded tokens per batch; does not change the embeddings (bench/featurize.py)
 
 
 class Encoder:

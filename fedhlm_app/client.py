@@ -396,7 +396,8 @@ def evaluate_hlm(msg: Message, context: Context) -> Message:
         {
             "num-examples": len(y),
             "correct": int(np.sum(final == y)),
-            "escalated": int(len(ids)),
+            "escalated": int(np.sum(tiers == 3)),
+            "oracle-failed": int(np.sum(tiers == 3) - len(ids)),  # unanswered: they kept the draft
             "accepted": int(np.sum(verdict.accepted)),
             "local-correct": int(np.sum((final == y) & local)),
             "slm-correct": int(np.sum(drafts == y)),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 STRATEGIES = ("hierarchical-fedavg", "fedavg")
-ORACLES = ("labels",)
+ORACLES = ("labels", "classifier", "causal-lm", "openai", "remote")
 UNCERTAINTIES = ("entropy", "least-confidence", "margin")
 DATA_SOURCES = ("auto", "hub", "local")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -102,6 +102,14 @@ SCHEMA: dict[str, Key] = {
     # aggregation and oracle
     "strategy": _one_of(STRATEGIES),
     "oracle": _one_of(ORACLES),
+    "oracle-model": Key(str, lambda v: True, "a model name or folder (see README, 'Cloud LLM backends')"),
+    "oracle-url": Key(str, lambda v: v == "" or v.startswith(("http://", "https://")), "an http:// or https:// URL (or empty)"),
+    "oracle-api-key": Key(str, lambda v: True, "a key (empty: $OPENAI_API_KEY for openai, $FEDHLM_ORACLE_TOKEN for remote)"),
+    "oracle-timeout": Key(float, _positive, "seconds > 0"),
+    "oracle-retries": Key(int, _non_negative, "an integer >= 0"),
+    "oracle-concurrency": Key(int, _positive, "an integer >= 1"),
+    "oracle-batch-size": Key(int, _positive, "an integer >= 1"),
+    "oracle-few-shot": Key(int, _non_negative, "an integer >= 0 (examples per class in the prompt)"),
 }
 
 

@@ -63,20 +63,20 @@ def item_outcomes(cfg: dict[str, Any], run_dir: Path) -> dict[str, np.ndarray]:
     """Per-item uncertainty and correctness on every client's test items (and calibration beta)."""
     from fedhlm_app.client import _local_data_cached, load_server_dataset, routing_inputs
     from fedhlm_app.head import SoftmaxHead
-    from fedhlm_app.oracle import make_oracle
+    from fedhlm_app.oracle import make_oracle, verify_safely
     from fedhlm_app.speculative import rejection_probability
 
     model = np.load(run_dir / "model.npz")
-    oracle = make_oracle(cfg["oracle"], load_server_dataset(cfg), cfg["seed"])
+    oracle = make_oracle(cfg, load_server_dataset(cfg))
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("u", "slm", "llm", "client", "u_cal", "beta_cal")}
     for pid in range(cfg["num-clients"]):
         data = _local_data_cached(tuple(sorted(cfg.items())), pid, cfg["num-clients"], "")
         head = SoftmaxHead(data.fit.x.shape[1], data.num_classes).set_params([model["head_weights"], model["head_bias"]])
         p, u, draft = routing_inputs(head, cfg["uncertainty"], data.test.x)
-        verdict = oracle.verify(_batch(data.test.texts, p, draft))
+        verification = verify_safely(oracle, _batch(data.test.texts, p, draft))
         out["u"].append(u)
         out["slm"].append(draft == data.test.y)
-        out["llm"].append(verdict.final == data.test.y)
+        out["llm"].append(verification.final_classes(draft) == data.test.y)
         out["client"].append(np.full(len(draft), pid))
         pc, u_cal, draft_cal = routing_inputs(head, cfg["uncertainty"], data.calibration.x)
         out["u_cal"].append(u_cal)

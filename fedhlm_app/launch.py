@@ -75,7 +75,7 @@ def check_local_data(cfg: dict[str, Any]) -> None:
         load_local(resolve_data_dir(cfg["data-dir"]), cfg["train-file"], cfg["test-file"])
 
 
-APP_FILES = ("pyproject.toml", "server_app.py", "client_app.py", "fedhlm_app/*.py")
+APP_FILES = ("pyproject.toml", "server_app.py", "client_app.py", "fedhlm_app/**/*.py")
 
 
 def stage_app(dest: Path) -> Path:

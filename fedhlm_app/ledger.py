@@ -8,7 +8,9 @@ the phase it belongs to. Links:
 - ``cloud->edge`` / ``edge->cloud``: the global model sent to each edge and the
   edge aggregates sent to the cloud (one per cluster and round);
 - ``client->llm`` / ``llm->client``: escalated items (text, distribution,
-  draft) and the LLM's feedback.
+  draft) and the LLM's feedback;
+- ``cloud->oracle`` / ``oracle->cloud``: HTTP requests and responses between
+  the ServerApp and a networked oracle backend (``openai``, ``remote``).
 
 Phases: ``setup``, ``head``, ``threshold`` (training-time escalations included)
 and ``inference:<policy>`` (final evaluation of each routing policy).
@@ -19,7 +21,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-LINKS = ("edge->client", "client->edge", "cloud->edge", "edge->cloud", "client->llm", "llm->client")
+LINKS = (
+    "edge->client", "client->edge", "cloud->edge", "edge->cloud", "client->llm", "llm->client", "cloud->oracle", "oracle->cloud",
+)
 
 
 @dataclass

@@ -28,6 +28,43 @@ POLICY_TITLES = {
 }
 
 
+def _config_value(key: str, value: Any) -> Any:
+    """A config value as results.json shows it: secrets redacted, infinity as a string."""
+    if key == "oracle-api-key" and value:
+        return "(redacted)"
+    return str(value) if isinstance(value, float) and value == float("inf") else value
+
+
+def _oracle_block(
+    cfg: dict[str, Any], failures: list[dict[str, Any]], training_items: int, policies: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    """Which oracle answered, and every batch it did not (fully) answer."""
+    asked = training_items + sum(p["llm_items"] for p in policies.values())
+    failed = sum(f["items"] for f in failures)
+    return {
+        "backend": cfg["oracle"],
+        "oracle_failures": failed,  # items that kept the SLM draft because the oracle did not answer
+        "items_asked": asked,
+        "failure_rate": failed / asked if asked else 0.0,
+        "failed_batches": failures,
+    }
+
+
+def _oracle_warning(oracle: dict[str, Any]) -> list[str]:
+    """Summary lines that make an oracle outage impossible to miss."""
+    if not oracle["oracle_failures"]:
+        return []
+    causes = sorted({f["cause"] for f in oracle["failed_batches"]})
+    head = (
+        "**WARNING: the oracle never answered.** Every escalated item kept its SLM draft: the accuracies "
+        "below are the SLM's, and the thresholds learned nothing from LLM feedback."
+        if oracle["oracle_failures"] >= oracle["items_asked"]
+        else f"**WARNING: the oracle did not answer {oracle['oracle_failures']} of {oracle['items_asked']} items** "
+        "(they kept their SLM draft)."
+    )
+    return [head, "", *[f"- cause: {c}" for c in causes[:5]], ""]
+
+
 def _log(msg: str, *args: Any) -> None:
     from flwr.common import log  # the Flower logger, so lines interleave with Flower's
 
@@ -53,6 +90,7 @@ def policy_summary(per_client: dict[int, dict[str, float]]) -> dict[str, float]:
         "p2p_rate": p2p / n,
         "slm_accuracy": total("slm-correct") / n,
         "llm_items": int(total("escalated")),
+        "oracle_failed_items": int(total("oracle-failed")),
         "num_items": int(n),
     }
 
@@ -187,6 +225,7 @@ def write_report(
     training_escalations: int,
     failures: list[dict[str, Any]],
     timings: dict[str, float],
+    oracle_failures: list[dict[str, Any]] | None = None,
     peers: PeerCoordinator | None = None,
     head_params: list[np.ndarray] | None = None,
     started_epoch: float | None = None,
@@ -260,11 +299,12 @@ def write_report(
             "p2p_bytes": ledger.total("p2p"),
         },
         "failures": failures,
+        "oracle": _oracle_block(cfg, oracle_failures or [], training_escalations, policies),
         "dataset": {"source": dataset_source, "classes": class_names},
         "wall_time_s": timings["total"],
         "timings_s": timings,
         "started_epoch": started_epoch,  # when the ServerApp started (Unix time), for bench/main_job.py
-        "config": {k: (str(v) if isinstance(v, float) and v == float("inf") else v) for k, v in cfg.items()},
+        "config": {k: _config_value(k, v) for k, v in cfg.items()},
     }
     _write_json(out / "results.json", results)
     if head_params is not None:
@@ -283,6 +323,7 @@ def write_report(
     lines = [
         f"# FedHLM run `{run_name}`",
         "",
+        *_oracle_warning(results["oracle"]),
         f"{len(clients)} clients in {len(clusters)} clusters, Dirichlet alpha {cfg['dirichlet-alpha']}, "
         f"{len(rounds)} threshold rounds, strategy `{cfg['strategy']}`, oracle `{cfg['oracle']}`, "
         f"SLM `{cfg['slm-model']}`, data `{dataset_source}`.",

@@ -28,7 +28,7 @@ from fedhlm_app.client import load_server_dataset
 from fedhlm_app.config import validate
 from fedhlm_app.head import SoftmaxHead
 from fedhlm_app.ledger import Ledger
-from fedhlm_app.oracle import Oracle, make_oracle
+from fedhlm_app.oracle import EscalationBatch, Oracle, make_oracle, verify_safely
 from fedhlm_app.p2p import PeerCoordinator, prototypes_changed
 from fedhlm_app.records import (
     array_items, arrays_record, pack_feedback, pack_prototypes, record_arrays, serialized_size, unpack_class_sums,
@@ -171,14 +171,31 @@ def _refresh_peers(peers: PeerCoordinator, replies: dict[int, Message], cluster_
             ledger.add("p2p", "cloud->edge", size * len(view[1]) if view else 0)
 
 
-def _verify(oracle: Oracle, asked: dict[int, Message], config: ConfigRecord) -> tuple[dict[int, RecordDict], int]:
-    """The LLM's verdicts on each client's escalated items, ready to send back; and the item count."""
-    feedback, items = {}, 0
-    for node, reply in asked.items():
-        batch = unpack_escalation(reply.content)
-        items += len(batch)
-        feedback[node] = RecordDict({"feedback": pack_feedback(batch.ids, oracle.verify(batch)), "config": config})
-    return feedback, items
+def _verify(run: Run, phase: str, asked: dict[int, Message], config: ConfigRecord) -> tuple[dict[int, RecordDict], int]:
+    """The LLM's verdicts on every client's escalated items, ready to send back; and the item count.
+
+    All clients' items go to the oracle as one batch (model backends batch, servers pool).
+    Items the oracle does not answer are left out of the feedback: clients keep the SLM
+    draft for them (the fallback) and ask again in the next training round.
+    """
+    batches = {node: unpack_escalation(reply.content) for node, reply in asked.items()}
+    merged = EscalationBatch.concat(list(batches.values()), run.oracle.num_classes)
+    result = verify_safely(run.oracle, merged)
+    traffic = run.oracle.traffic.drain()
+    if traffic.requests:  # networked backends: the HTTP bytes to and from the model server
+        run.ledger.add(phase, "cloud->oracle", traffic.sent, items=len(merged), messages=traffic.requests)
+        run.ledger.add(phase, "oracle->cloud", traffic.received, messages=traffic.requests)
+    if result.failed:
+        where = f"{phase} round {config['server-round']}" if "server-round" in config else phase
+        log(WARNING, "%s: the oracle did not answer %d of %d items, they keep the SLM draft: %s",
+            where, result.failed, len(merged), result.failure)
+        run.oracle_failures.append({"phase": phase, "where": where, "items": result.failed, "of": len(merged), "cause": result.failure})
+    feedback, start = {}, 0
+    for node, batch in batches.items():
+        part = result.take(start, start + len(batch))
+        start += len(batch)
+        feedback[node] = RecordDict({"feedback": pack_feedback(batch.ids[part.answered], part.verdict), "config": config})
+    return feedback, len(merged)
 
 
 @dataclass
@@ -192,6 +209,7 @@ class Run:
     strategy: HierarchicalStrategy
     peers: PeerCoordinator | None
     prototypes_sent: dict[int, np.ndarray] = field(default_factory=dict)  # node -> what it last received
+    oracle_failures: list[dict[str, Any]] = field(default_factory=list)  # one entry per batch with unanswered items
 
     @property
     def ledger(self) -> Ledger:
@@ -242,7 +260,7 @@ def threshold_phase(run: Run, head: ArrayRecord) -> tuple[float, list[dict[str, 
                 contents[node]["arrays"] = head  # the final head travels once
             run.attach_prototypes(contents[node], node)
         asked = run.exchange("threshold", "query.escalate", contents)
-        feedback, round_items = _verify(run.oracle, asked, ConfigRecord({"server-round": rnd}))
+        feedback, round_items = _verify(run, "threshold", asked, ConfigRecord({"server-round": rnd}))
         training_escalations += round_items
         replies = run.exchange("threshold", "train.threshold", feedback)
         if run.peers is not None:
@@ -294,7 +312,7 @@ def inference_phase(run: Run, tau_global: float) -> dict[str, dict[int, dict[str
             if tried[node]:
                 run.attach_prototypes(contents[node], node)  # the latest refresh
         asked = run.exchange(phase, "query.escalate", contents)
-        feedback, _ = _verify(run.oracle, asked, ConfigRecord({"policy": name}))
+        feedback, _ = _verify(run, phase, asked, ConfigRecord({"policy": name}))
         scored = run.exchange(phase, "evaluate.hlm", feedback)
         evaluation[name] = {
             node: {
@@ -313,6 +331,7 @@ def main(grid: Grid, context: Context) -> None:
     started, started_epoch = time.monotonic(), time.time()  # the epoch lets bench/ place the app in a launch
     cfg = validate(context.run_config)  # fail fast, before anything loads
     dataset = load_server_dataset(cfg)  # fails fast on missing/malformed data
+    oracle = make_oracle(cfg, dataset)  # loads its model (or checks its server) before clients featurize
     exchange = Exchange(grid, Ledger(), cfg["round-timeout"])
     timings: dict[str, float] = {}
 
@@ -320,7 +339,7 @@ def main(grid: Grid, context: Context) -> None:
     info = setup_phase(exchange, grid, cfg)
     cluster_of = {n: int(i["cluster-id"]) for n, i in info.items()}
     peers = PeerCoordinator(cfg["p2p-neighbours"], cfg["p2p-neighbour-k"], cfg["p2p-cost"], cfg["llm-cost"]) if cfg["p2p"] else None
-    run = Run(cfg, exchange, make_oracle(cfg["oracle"], dataset, cfg["seed"]), cluster_of, make_strategy(cfg["strategy"], cluster_of), peers)
+    run = Run(cfg, exchange, oracle, cluster_of, make_strategy(cfg["strategy"], cluster_of), peers)
     run.strategy.summary()
     log(INFO, "setup: %d clients in clusters %s", len(info), sorted(set(cluster_of.values())))
     timings["setup"] = time.monotonic() - t0
@@ -349,8 +368,10 @@ def main(grid: Grid, context: Context) -> None:
         ledger=run.ledger,
         training_escalations=training_escalations,
         failures=exchange.failures,
+        oracle_failures=run.oracle_failures,
         peers=peers,
         head_params=record_arrays(head),
         timings={**timings, "total": time.monotonic() - started},
         started_epoch=started_epoch,
     )
+    oracle.close()

@@ -123,3 +123,55 @@ def test_p2p_switch_off_removes_peer_traffic(tmp_path, tiny_bert):
     assert results["p2p"] == {"enabled": False}
     assert "p2p" not in results["communication"]["by_phase_and_link"]
     assert results["p2p_rate"] == 0.0
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_run_whose_oracle_is_down_finishes_and_says_so(tmp_path, tiny_bert):
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    _, results = _run(tmp_path, tiny_bert, nodes, **{"oracle": "remote", "oracle-url": dead, "oracle-retries": 1,
+                                                    "num-clients": 2, "num-clusters": 1, "threshold-rounds": 2})
+    oracle = results["oracle"]
+    assert oracle["backend"] == "remote" and oracle["items_asked"] > 0
+    assert oracle["oracle_failures"] == oracle["items_asked"] and oracle["failure_rate"] == 1.0
+    assert all("Refused" in f["cause"] for f in oracle["failed_batches"])
+    # every escalated item kept its draft: every policy scores exactly what the SLM does
+    for name in ("slm_only", "cloud_only", "static_threshold"):
+        assert results["baselines"][name]["accuracy"] == pytest.approx(results["baselines"]["slm_only"]["accuracy"])
+    assert results["baselines"]["cloud_only"]["oracle_failed_items"] == results["num_test_items"]
+    assert "WARNING: the oracle never answered" in (tmp_path / "results" / "latest" / "summary.md").read_text()
+
+
+def test_a_run_through_the_oracle_service_books_its_http_bytes(tmp_path, tiny_bert):
+    import threading
+
+    from fedhlm_app.data import load_local
+    from fedhlm_app.launch import BUNDLED_DATA
+    from fedhlm_app.llm.service import OracleService
+    from fedhlm_app.oracle import LabelsOracle
+
+    dataset = load_local(BUNDLED_DATA, "train.csv", "test.csv")
+    service = OracleService(("127.0.0.1", 0), LabelsOracle(dataset, 0), "labels", dataset.class_names, token="t0ken")
+    threading.Thread(target=service.serve_forever, daemon=True).start()
+    try:
+        nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+        _, results = _run(tmp_path, tiny_bert, nodes, **{"oracle": "remote", "oracle-url": service.url, "oracle-api-key": "t0ken",
+                                                        "num-clients": 2, "num-clusters": 1, "threshold-rounds": 2})
+    finally:
+        service.shutdown()
+        service.server_close()
+    assert results["oracle"]["oracle_failures"] == 0
+    assert results["baselines"]["cloud_only"]["accuracy"] == 1.0  # the service's labels backend is ground truth
+    ledger = results["communication"]["by_phase_and_link"]
+    for phase in ("threshold", "inference:cloud_only"):
+        assert ledger[phase]["cloud->oracle"]["bytes"] > ledger[phase]["client->llm"]["items"] * 20
+        assert ledger[phase]["oracle->cloud"]["bytes"] > 0
+        assert ledger[phase]["cloud->oracle"]["items"] == ledger[phase]["client->llm"]["items"]
+    assert results["config"]["oracle-api-key"] == "(redacted)"

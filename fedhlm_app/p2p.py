@@ -152,6 +152,7 @@ class PeerCoordinator:
         self.stats: dict[int, HitStats] = {}
         # Clients send their sums only when they changed, so the edge keeps the latest of each.
         self._latest: dict[int, tuple[int, ClassSums]] = {}
+        self._views: dict[int, tuple[np.ndarray, list[np.ndarray]] | None] = {}  # per cluster, until the next refresh
 
     def refresh(self, contributions: dict[int, tuple[int, ClassSums]]) -> None:
         """Take clients' new sums ({node: (cluster, sums)}) and rebuild each cluster's total.
@@ -165,16 +166,19 @@ class PeerCoordinator:
         for cluster, sums in self._latest.values():
             totals[cluster] = totals[cluster] + sums if cluster in totals else sums
         self.sums = totals
+        self._views = {}
 
     def prototypes(self) -> dict[int, np.ndarray]:
         return {c: s.prototypes() for c, s in sorted(self.sums.items())}
 
     def view(self, cluster: int) -> tuple[np.ndarray, list[np.ndarray]] | None:
-        """What a client of ``cluster`` receives: its prototypes and its neighbours'."""
-        protos = self.prototypes()
-        if cluster not in protos:
-            return None
-        return protos[cluster], [protos[c] for c in neighbours(cluster, protos, self.scope, self.k)]
+        """What a client of ``cluster`` receives: its prototypes and its neighbours' (computed once per refresh)."""
+        if cluster not in self._views:
+            protos = self.prototypes()
+            self._views[cluster] = (
+                (protos[cluster], [protos[c] for c in neighbours(cluster, protos, self.scope, self.k)]) if cluster in protos else None
+            )
+        return self._views[cluster]
 
     def record(self, cluster: int, attempts: int, hits: int, false_hits: int) -> None:
         stats = self.stats.setdefault(cluster, HitStats())

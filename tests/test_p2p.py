@@ -78,3 +78,13 @@ def test_ledger_books_p2p_separately():
     ledger.add("p2p", "client->edge", 300)
     ledger.add("threshold", "client->edge", 40)
     assert ledger.total("p2p") == 300 and ledger.total("threshold") == 40
+
+
+def test_coordinator_view_follows_every_refresh():
+    coord = PeerCoordinator("all", 1, cost_p2p=0.05, cost_llm=1.0)
+    assert coord.view(0) is None  # no sums yet
+    coord.refresh({10: (0, ClassSums.of(np.eye(2), np.array([0, 1]), 2)), 11: (1, ClassSums.of(np.eye(2), np.array([1, 0]), 2))})
+    own, others = coord.view(0)
+    assert np.allclose(own, np.eye(2)) and np.allclose(others[0], np.eye(2)[::-1])
+    coord.refresh({10: (0, ClassSums.of(np.eye(2), np.array([1, 0]), 2))})  # node 10 changed its sums
+    assert np.allclose(coord.view(0)[0], np.eye(2)[::-1])

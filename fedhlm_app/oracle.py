@@ -142,7 +142,7 @@ class Oracle(ABC):
         verdict = verify(batch.probs[answered], q[answered], batch.drafts[answered], self.rng)
         cause = "" if answered.all() else f"{int(np.sum(~answered))} items without a usable answer"
         if self.last_failure and cause:
-            cause += f": {self.last_failure}"
+            cause += f" (e.g. {self.last_failure})"
         return Verification(answered, verdict, cause, np.where(answered[:, None], q, np.nan))
 
     def close(self) -> None:

@@ -216,3 +216,28 @@ def test_malformed_replies_leave_items_unanswered(dataset):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_service_command_starts_serves_and_stops(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FEDHLM_ORACLE_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "fedhlm_app.llm.service", "--backend", "labels", "--port", str(port), "-c", "seed=3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        banner = proc.stdout.readline()
+        assert f"backend labels on http://127.0.0.1:{port}" in banner and "bearer token required" in banner
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())
+        assert health["backend"] == "labels" and health["auth"] is True
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    bad = subprocess.run([*cmd[:-2], "-c", "oracle-timeout=-1"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "'oracle-timeout' = -1" in bad.stderr

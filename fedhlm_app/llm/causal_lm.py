@@ -100,7 +100,37 @@ def _weights_stamp(folder: str, gguf: str | None) -> str:
     return ";".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files if f.exists())
 
 
+def export_hf_folder(model: str, dest: Path) -> Path:
+    """Write a GGUF model (``smollm2``, ``gemma3``, a .gguf file) as a plain transformers folder.
+
+    OpenAI-compatible servers such as ``transformers serve`` load such folders, not GGUF files.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf = locate_model(model)
+    if gguf is None:
+        raise ConfigError(f"'{model}' is already a checkpoint folder")
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")  # dequantized on load: save plain weights
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    dest.mkdir(parents=True, exist_ok=True)
+    plain.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(dest)
+    return dest
+
+
 def from_config(cfg: dict[str, Any], dataset: Dataset) -> CausalLMOracle:
     examples = few_shot_examples(dataset.train, cfg["oracle-few-shot"], dataset.num_classes, cfg["seed"])
     prompt = LabelPrompt(list(dataset.class_names), examples)
     return CausalLMOracle(cfg["oracle-model"] or DEFAULT_MODEL, prompt, cfg["seed"], cfg["cache-dir"], cfg["oracle-batch-size"])
+
+
+if __name__ == "__main__":  # python -m fedhlm_app.llm.causal_lm export smollm2 /abs/folder
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "export":
+        sys.exit("usage: python -m fedhlm_app.llm.causal_lm export {smollm2|gemma3|file.gguf} DEST_FOLDER")
+    print(export_hf_folder(sys.argv[2], Path(sys.argv[3]).expanduser().resolve()))

@@ -27,7 +27,7 @@ from fedhlm_app.oracle import ModelOracle, OracleError, Traffic, store_folder
 
 URL_ENV, KEY_ENV = "OPENAI_BASE_URL", "OPENAI_API_KEY"
 TOP_LOGPROBS = 20
-MAX_TOKENS = 8  # a label is a word or two
+MAX_TOKENS = 16  # a label is a word or two; small models sometimes start with 'The topic is'
 
 
 class OpenAIChatOracle(ModelOracle):
@@ -45,7 +45,7 @@ class OpenAIChatOracle(ModelOracle):
             answers = list(pool.map(self._ask, texts))
         errors = [err for _, err, _ in answers if err]
         if errors:
-            self.last_failure = f"{len(errors)} of {len(texts)} requests failed, e.g. {errors[0]}"
+            self.last_failure = errors[0]  # an example; the Verification counts the items
         for _, _, traffic in answers:  # counted per request, merged here: threads never share a counter
             self.traffic.sent += traffic.sent
             self.traffic.received += traffic.received

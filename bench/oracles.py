@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,18 +34,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedhlm_app.config import validate  # noqa: E402
 from fedhlm_app.data import load_local  # noqa: E402
-from fedhlm_app.launch import BUNDLED_DATA, merged_config, with_default_paths  # noqa: E402
+from fedhlm_app.launch import BUNDLED_DATA, free_port, merged_config, with_default_paths  # noqa: E402
 from fedhlm_app.oracle import EscalationBatch, LabelsOracle, is_distribution, make_oracle, verify_safely  # noqa: E402
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_chat(folder: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = _port()
+    port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "transformers"), "serve", "--host", "127.0.0.1",
                              "--port", str(port), str(folder)], stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

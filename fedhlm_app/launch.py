@@ -88,7 +88,8 @@ def stage_app(dest: Path) -> Path:
     return dest
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -112,7 +113,7 @@ def _toml_value(v: Any) -> str:
 def run_simulation(cfg: dict[str, Any], flwr_home: Path, cpus_per_client: int) -> str:
     """Run the app on a fresh local SuperLink; return the final run status."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "fedhlm-sim"\n\n[superlink.fedhlm-sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )

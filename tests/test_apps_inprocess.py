@@ -125,17 +125,11 @@ def test_p2p_switch_off_removes_peer_traffic(tmp_path, tiny_bert):
     assert results["p2p_rate"] == 0.0
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_run_whose_oracle_is_down_finishes_and_says_so(tmp_path, tiny_bert):
     nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
-    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    from fedhlm_app.launch import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     _, results = _run(tmp_path, tiny_bert, nodes, **{"oracle": "remote", "oracle-url": dead, "oracle-retries": 1,
                                                     "num-clients": 2, "num-clusters": 1, "threshold-rounds": 2})
     oracle = results["oracle"]

@@ -47,11 +47,9 @@ def smollm2_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def chat_server(smollm2_folder, tmp_path_factory):
     """`transformers serve` on loopback with SmolLM2: a real OpenAI-compatible server."""
-    import socket
+    from fedhlm_app.launch import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w")
     cli = Path(sys.executable).parent / "transformers"
     proc = subprocess.Popen([str(cli), "serve", "--host", "127.0.0.1", "--port", str(port), str(smollm2_folder)],

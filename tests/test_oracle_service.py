@@ -225,9 +225,9 @@ def test_the_service_command_starts_serves_and_stops(tmp_path):
     import sys
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from fedhlm_app.launch import free_port
+
+    port = free_port()
     env = {**os.environ, "FEDHLM_ORACLE_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "fedhlm_app.llm.service", "--backend", "labels", "--port", str(port), "-c", "seed=3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)

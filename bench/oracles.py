@@ -61,6 +61,9 @@ def main() -> int:
     parser.add_argument("--few-shot", type=int, default=1, help="prompt examples per class (causal-lm, openai)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "oracles.json"))
     args = parser.parse_args()
+    if "classifier" in args.backends.split(",") and not (Path(args.classifier) / "config.json").is_file():
+        parser.error(f"--classifier {args.classifier} is not a checkpoint; train one first: .venv/bin/python -m "
+                     f"fedhlm_app.llm.train_classifier --base minilm --out {args.classifier} --max-train-items 8000 --lr 5e-5")
     data = load_local(BUNDLED_DATA, "train.csv", "test.csv")
     texts, labels = data.test.texts[: args.items], data.test.labels[: args.items]
     work = Path(tempfile.mkdtemp(prefix="fedhlm-oracles-"))

@@ -339,7 +339,7 @@ def main(grid: Grid, context: Context) -> None:
     info = setup_phase(exchange, grid, cfg)
     cluster_of = {n: int(i["cluster-id"]) for n, i in info.items()}
     peers = PeerCoordinator(cfg["p2p-neighbours"], cfg["p2p-neighbour-k"], cfg["p2p-cost"], cfg["llm-cost"]) if cfg["p2p"] else None
-    run = Run(cfg, exchange, oracle, cluster_of, make_strategy(cfg["strategy"], cluster_of), peers)
+    run = Run(cfg, exchange, oracle, cluster_of, make_strategy(cfg, cluster_of), peers)
     run.strategy.summary()
     log(INFO, "setup: %d clients in clusters %s", len(info), sorted(set(cluster_of.values())))
     timings["setup"] = time.monotonic() - t0

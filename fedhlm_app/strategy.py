@@ -4,7 +4,11 @@ Flower is hub-and-spoke, so the edge servers are a logical layer: replies are
 grouped by the cluster of the node that sent them (learned in the setup
 phase), reduced per cluster with the edge rule, and the edge results reduced
 with the cloud rule (``fedhlm_app.aggregation``). ``flat`` FedAvg ignores the
-clusters. Strategies are chosen by name from the run config (``STRATEGIES``).
+clusters. Strategies are chosen by name from the run config (``STRATEGIES``;
+presets in ``conf/strategies/``). The robust edge rules are Flower's own
+(``aggregate_median``, ``aggregate_trimmed_avg``, as in ``FedMedian`` and
+``FedTrimmedAvg``): they ignore sample counts inside a cluster, and the cloud
+still weighs each cluster by its samples.
 
 The ServerApp drives its own phases (head, threshold, inference) and calls
 ``aggregate_train`` for each; ``configure_*`` keep the standard
@@ -19,6 +23,7 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -99,15 +104,35 @@ class HierarchicalStrategy(Strategy):
         return _weighted_metrics(ok) if ok else None
 
 
-StrategyFactory = Callable[[dict[int, int]], HierarchicalStrategy]
+def flower_median(params: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray]:
+    """Coordinate-wise median, Flower's ``FedMedian`` rule (sample counts ignored, as there)."""
+    return aggregate_median([(p, int(w)) for p, w in zip(params, weights)])
+
+
+def flower_trimmed_mean(fraction: float) -> Rule:
+    """Coordinate-wise mean without the ``fraction`` lowest and highest values, Flower's ``FedTrimmedAvg`` rule."""
+
+    def rule(params: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray]:
+        return aggregate_trimmed_avg([(p, int(w)) for p, w in zip(params, weights)], proportiontocut=fraction)
+
+    return rule
+
+
+StrategyFactory = Callable[[dict[int, int], dict], HierarchicalStrategy]
 STRATEGIES: dict[str, StrategyFactory] = {
-    "hierarchical-fedavg": lambda cluster_of: HierarchicalStrategy(cluster_of, is_hierarchical=True),
-    "fedavg": lambda cluster_of: HierarchicalStrategy(cluster_of, is_hierarchical=False),
+    "hierarchical-fedavg": lambda cluster_of, cfg: HierarchicalStrategy(cluster_of, is_hierarchical=True),
+    "fedavg": lambda cluster_of, cfg: HierarchicalStrategy(cluster_of, is_hierarchical=False),
+    "hierarchical-median": lambda cluster_of, cfg: HierarchicalStrategy(cluster_of, edge_rule=flower_median),
+    "hierarchical-trimmed-mean": lambda cluster_of, cfg: HierarchicalStrategy(
+        cluster_of, edge_rule=flower_trimmed_mean(cfg["trim-fraction"])
+    ),
 }
 
 
-def make_strategy(name: str, cluster_of: dict[int, int]) -> HierarchicalStrategy:
+def make_strategy(cfg: dict, cluster_of: dict[int, int]) -> HierarchicalStrategy:
+    """The strategy the run config names (``strategy``)."""
     try:
-        return STRATEGIES[name](cluster_of)
+        factory = STRATEGIES[cfg["strategy"]]
     except KeyError:
-        raise ValueError(f"unknown strategy '{name}' (known: {sorted(STRATEGIES)})") from None
+        raise ValueError(f"unknown strategy '{cfg['strategy']}' (known: {sorted(STRATEGIES)})") from None
+    return factory(cluster_of, cfg)

@@ -45,7 +45,7 @@ def _reply(node: int, tau: float, n: int) -> Message:
 
 
 def test_strategy_groups_replies_by_cluster():
-    strategy = make_strategy("hierarchical-fedavg", {1: 0, 2: 0, 3: 1})
+    strategy = make_strategy({"strategy": "hierarchical-fedavg"}, {1: 0, 2: 0, 3: 1})
     arrays, metrics = strategy.aggregate_train(1, [_reply(1, 0.2, 10), _reply(2, 0.4, 30), _reply(3, 0.8, 60)])
     assert arrays.to_numpy_ndarrays()[0][0] == pytest.approx(0.35 * 0.4 + 0.8 * 0.6)
     assert strategy.last.cluster_params[0][0][0] == pytest.approx(0.35)
@@ -54,3 +54,52 @@ def test_strategy_groups_replies_by_cluster():
 
 def test_strategy_names_match_config_schema():
     assert set(STRATEGIES) == set(config.STRATEGIES)
+
+
+# cluster 0: five clients, one of them an outlier (tau 0.99); cluster 1: two clients
+ROBUST_REPLIES = [(1, 0.2, 10), (2, 0.3, 20), (3, 0.4, 30), (4, 0.5, 10), (5, 0.99, 30), (6, 0.6, 40), (7, 0.8, 60)]
+ROBUST_CLUSTERS = {1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 1, 7: 1}
+
+
+@pytest.mark.parametrize(
+    "name, cluster0, cluster1",
+    [
+        ("hierarchical-fedavg", (2 + 6 + 12 + 5 + 29.7) / 100, (24 + 48) / 100),
+        ("hierarchical-median", 0.4, (0.6 + 0.8) / 2),  # unweighted median per cluster
+        ("hierarchical-trimmed-mean", (0.3 + 0.4 + 0.5) / 3, (0.6 + 0.8) / 2),  # 20% of 5 = 1 cut at each end
+    ],
+)
+def test_every_hierarchical_strategy_matches_a_hand_computation(name, cluster0, cluster1):
+    strategy = make_strategy({"strategy": name, "trim-fraction": 0.2}, ROBUST_CLUSTERS)
+    arrays, _ = strategy.aggregate_train(1, [_reply(*r) for r in ROBUST_REPLIES])
+    assert strategy.last.cluster_params[0][0][0] == pytest.approx(cluster0)
+    assert strategy.last.cluster_params[1][0][0] == pytest.approx(cluster1)
+    # the cloud weighs each cluster by its clients' samples: 100 and 100
+    assert arrays.to_numpy_ndarrays()[0][0] == pytest.approx((100 * cluster0 + 100 * cluster1) / 200)
+
+
+def test_robust_edges_resist_an_outlier_that_moves_the_mean():
+    replies = [_reply(*r) for r in ROBUST_REPLIES]
+    means = {name: make_strategy({"strategy": name, "trim-fraction": 0.2}, ROBUST_CLUSTERS).aggregate_train(1, replies)[0]
+             for name in ("hierarchical-fedavg", "hierarchical-median", "hierarchical-trimmed-mean")}
+    tau = {k: v.to_numpy_ndarrays()[0][0] for k, v in means.items()}
+    assert tau["hierarchical-median"] < tau["hierarchical-fedavg"] and tau["hierarchical-trimmed-mean"] < tau["hierarchical-fedavg"]
+
+
+def test_flat_fedavg_preset_matches_a_hand_computation():
+    strategy = make_strategy({"strategy": "fedavg"}, ROBUST_CLUSTERS)
+    arrays, _ = strategy.aggregate_train(1, [_reply(*r) for r in ROBUST_REPLIES])
+    expected = sum(t * n for _, t, n in ROBUST_REPLIES) / sum(n for _, _, n in ROBUST_REPLIES)
+    assert arrays.to_numpy_ndarrays()[0][0] == pytest.approx(expected)
+
+
+def test_every_preset_under_conf_strategies_names_a_known_strategy():
+    import tomllib
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).resolve().parents[1] / "conf" / "strategies").glob("*.toml"))
+    assert {p.stem for p in presets} == set(STRATEGIES)
+    for preset in presets:
+        values = tomllib.loads(preset.read_text())
+        assert values["strategy"] == preset.stem
+        assert set(values) <= set(config.SCHEMA)

@@ -77,3 +77,32 @@ def flat(updates: Sequence[Update], rule: Rule = weighted_mean) -> Aggregate:
         {c: global_params for c in groups},
         {c: float(sum(u.weight for u in m)) for c, m in groups.items()},
     )
+
+
+class ServerAdam:
+    """A FedAdam-style cloud rule (Reddi et al., 2021, "Adaptive Federated Optimization").
+
+    The weighted mean of the edge results is the target; the cloud model moves toward it with
+    Adam on the pseudo-gradient (target - model): m = b1 m + (1 - b1) d, v = b2 v + (1 - b2) d^2,
+    model += lr m / (sqrt(v) + eps), as Flower's ``FedAdam``. The first aggregation of a model
+    starts it at the target. State is kept per model, told apart by its array shapes: one strategy
+    aggregates the SLM head, then the thresholds.
+    """
+
+    def __init__(self, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, eps: float = 1e-9) -> None:
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.state: dict[tuple, tuple[Params, Params, Params]] = {}  # shapes -> (model, m, v)
+
+    def __call__(self, params: Sequence[Params], weights: Sequence[float]) -> Params:
+        target = weighted_mean(params, weights)
+        key = tuple(np.shape(layer) for layer in target)
+        if key not in self.state:
+            self.state[key] = (target, [np.zeros_like(t) for t in target], [np.zeros_like(t) for t in target])
+            return target
+        model, m, v = self.state[key]
+        delta = [t - x for t, x in zip(target, model)]
+        m = [self.beta1 * mi + (1 - self.beta1) * d for mi, d in zip(m, delta)]
+        v = [self.beta2 * vi + (1 - self.beta2) * d * d for vi, d in zip(v, delta)]
+        model = [x + self.lr * mi / (np.sqrt(vi) + self.eps) for x, mi, vi in zip(model, m, v)]
+        self.state[key] = (model, m, v)
+        return model

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-STRATEGIES = ("hierarchical-fedavg", "fedavg", "hierarchical-median", "hierarchical-trimmed-mean")
+STRATEGIES = ("hierarchical-fedavg", "fedavg", "hierarchical-median", "hierarchical-trimmed-mean", "hierarchical-fedadam")
 ORACLES = ("labels", "classifier", "causal-lm", "openai", "remote")
 UNCERTAINTIES = ("entropy", "least-confidence", "margin")
 DATA_SOURCES = ("auto", "hub", "local")
@@ -101,6 +101,7 @@ SCHEMA: dict[str, Key] = {
     "llm-cost": Key(float, _positive, "a number > 0"),
     # aggregation and oracle
     "strategy": _one_of(STRATEGIES),
+    "server-lr": Key(float, _positive, "a number > 0 (cloud Adam step size)"),
     "trim-fraction": Key(float, lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5) (share trimmed at each end)"),
     "oracle": _one_of(ORACLES),
     "oracle-model": Key(str, lambda v: True, "a model name or folder (see README, 'Cloud LLM backends')"),

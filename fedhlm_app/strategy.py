@@ -27,7 +27,7 @@ from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_a
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedhlm_app.aggregation import Aggregate, Rule, Update, flat, hierarchical, weighted_mean
+from fedhlm_app.aggregation import Aggregate, Rule, ServerAdam, Update, flat, hierarchical, weighted_mean
 from fedhlm_app.records import arrays_record, record_arrays
 
 WEIGHT_KEY = "num-examples"
@@ -126,6 +126,7 @@ STRATEGIES: dict[str, StrategyFactory] = {
     "hierarchical-trimmed-mean": lambda cluster_of, cfg: HierarchicalStrategy(
         cluster_of, edge_rule=flower_trimmed_mean(cfg["trim-fraction"])
     ),
+    "hierarchical-fedadam": lambda cluster_of, cfg: HierarchicalStrategy(cluster_of, cloud_rule=ServerAdam(lr=cfg["server-lr"])),
 }
 
 

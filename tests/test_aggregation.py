@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedhlm_app.aggregation import Update, flat, hierarchical, weighted_mean
+from fedhlm_app.aggregation import ServerAdam, Update, flat, hierarchical, weighted_mean
 from fedhlm_app.records import arrays_record
 from fedhlm_app.strategy import STRATEGIES, make_strategy
 from fedhlm_app import config
@@ -103,3 +103,27 @@ def test_every_preset_under_conf_strategies_names_a_known_strategy():
         values = tomllib.loads(preset.read_text())
         assert values["strategy"] == preset.stem
         assert set(values) <= set(config.SCHEMA)
+
+
+def test_server_adam_follows_the_edge_mean_with_adam_steps():
+    adam = ServerAdam(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-9)
+    # round 1 starts the model at the target (weighted mean of the edge results)
+    assert adam([[np.array([0.2])], [np.array([0.6])]], [1, 1])[0][0] == pytest.approx(0.4)
+    # round 2: target 0.5, d = 0.1, m = 0.01, v = 1e-4, step = 0.1 * 0.01 / 0.01 = 0.1
+    assert adam([[np.array([0.5])]], [1])[0][0] == pytest.approx(0.5)
+    # round 3: target 0.5, d = 0, m = 0.009, v = 0.99e-4, step = 0.1 * 0.009 / sqrt(0.99e-4)
+    assert adam([[np.array([0.5])]], [1])[0][0] == pytest.approx(0.5 + 0.1 * 0.009 / np.sqrt(0.99e-4))
+    # another model (other shapes: the head after the thresholds) keeps its own state
+    head = adam([[np.ones((2, 3)), np.zeros(3)]], [1])
+    assert np.allclose(head[0], 1.0) and len(adam.state) == 2
+
+
+def test_fedadam_strategy_moves_the_cloud_model_and_keeps_weighted_edges():
+    strategy = make_strategy({"strategy": "hierarchical-fedadam", "server-lr": 0.1}, ROBUST_CLUSTERS)
+    replies = [_reply(*r) for r in ROBUST_REPLIES]
+    first = strategy.aggregate_train(1, replies)[0].to_numpy_ndarrays()[0][0]
+    assert first == pytest.approx((0.547 + 0.72) / 2)  # round 1: the weighted mean of the edges
+    shifted = [_reply(node, tau + 0.1, n) for node, tau, n in ROBUST_REPLIES]
+    second = strategy.aggregate_train(2, shifted)[0].to_numpy_ndarrays()[0][0]
+    assert second == pytest.approx(first + 0.1)  # first Adam step: lr in the direction of the shift
+    assert strategy.last.cluster_params[0][0][0] == pytest.approx(0.647)  # edges are plain weighted means

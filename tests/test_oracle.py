@@ -10,7 +10,7 @@ from fedhlm_app.llm.prompts import LabelPrompt, few_shot_examples
 from fedhlm_app.llm.wire import (
     WireError, parse_distribution_reply, parse_verify_reply, parse_verify_request, verify_reply, verify_request,
 )
-from fedhlm_app.oracle import EscalationBatch, Oracle, OracleError, Verification, verify_safely
+from fedhlm_app.oracle import EscalationBatch, Oracle, OracleError, verify_safely
 
 C = 4
 

@@ -32,9 +32,9 @@ class Update:
 
 @dataclass(frozen=True)
 class Aggregate:
-    """A round's result: the global parameters and each cluster's edge parameters."""
+    """A round's result: the global parameters (None after an edge-only round) and each cluster's."""
 
-    global_params: Params
+    global_params: Params | None
     cluster_params: dict[int, Params]
     cluster_weights: dict[int, float]
 
@@ -57,15 +57,21 @@ def _by_cluster(updates: Sequence[Update]) -> dict[int, list[Update]]:
     return dict(sorted(groups.items()))
 
 
-def hierarchical(updates: Sequence[Update], edge_rule: Rule = weighted_mean, cloud_rule: Rule = weighted_mean) -> Aggregate:
-    """Edge aggregation per cluster, then cloud aggregation over clusters."""
+def edges(updates: Sequence[Update], edge_rule: Rule = weighted_mean) -> Aggregate:
+    """Edge aggregation per cluster only (an edge round: no global model)."""
     cluster_params, cluster_weights = {}, {}
     for cluster, members in _by_cluster(updates).items():
         cluster_params[cluster] = edge_rule([u.params for u in members], [u.weight for u in members])
         cluster_weights[cluster] = float(sum(u.weight for u in members))
-    clusters = list(cluster_params)
-    global_params = cloud_rule([cluster_params[c] for c in clusters], [cluster_weights[c] for c in clusters])
-    return Aggregate(global_params, cluster_params, cluster_weights)
+    return Aggregate(None, cluster_params, cluster_weights)
+
+
+def hierarchical(updates: Sequence[Update], edge_rule: Rule = weighted_mean, cloud_rule: Rule = weighted_mean) -> Aggregate:
+    """Edge aggregation per cluster, then cloud aggregation over clusters."""
+    edge = edges(updates, edge_rule)
+    clusters = list(edge.cluster_params)
+    global_params = cloud_rule([edge.cluster_params[c] for c in clusters], [edge.cluster_weights[c] for c in clusters])
+    return Aggregate(global_params, edge.cluster_params, edge.cluster_weights)
 
 
 def flat(updates: Sequence[Update], rule: Rule = weighted_mean) -> Aggregate:

@@ -101,6 +101,7 @@ SCHEMA: dict[str, Key] = {
     "llm-cost": Key(float, _positive, "a number > 0"),
     # aggregation and oracle
     "strategy": _one_of(STRATEGIES),
+    "cloud-every": Key(int, _positive, "an integer >= 1 (edge rounds per cloud round)"),
     "server-lr": Key(float, _positive, "a number > 0 (cloud Adam step size)"),
     "trim-fraction": Key(float, lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5) (share trimmed at each end)"),
     "oracle": _one_of(ORACLES),

@@ -228,20 +228,32 @@ def setup_phase(exchange: Exchange, grid: Grid, cfg: dict[str, Any]) -> dict[int
     return {n: dict(r.content["info"]) for n, r in setup.items()}
 
 
+def is_cloud_round(rnd: int, last: int, every: int) -> bool:
+    """The cloud aggregates every ``every``-th round and always the last; other rounds stop at the edge."""
+    return rnd % every == 0 or rnd == last
+
+
 def head_phase(run: Run, dim: int, num_classes: int) -> tuple[ArrayRecord, list[dict[str, float]]]:
     """Phase 2: federated training of the SLM head, aggregated edge then cloud."""
     arrays = arrays_record(SoftmaxHead(dim, num_classes).get_params())
+    edge_arrays: dict[int, ArrayRecord] = {}  # after an edge round: each cluster's own model
     history = []
     for rnd in range(1, run.cfg["head-rounds"] + 1):
         round_started = time.monotonic()
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})})
-        replies = run.exchange("head", "train.head", {n: content for n in run.cluster_of})
-        new_arrays, metrics = run.strategy.aggregate_train(rnd, replies.values())
-        if new_arrays is None:
+        conf = ConfigRecord({"server-round": rnd})
+        content = {c: RecordDict({"arrays": edge_arrays.get(c, arrays), "config": conf}) for c in set(run.cluster_of.values())}
+        replies = run.exchange("head", "train.head", {n: content[c] for n, c in run.cluster_of.items()})
+        cloud = is_cloud_round(rnd, run.cfg["head-rounds"], run.cfg["cloud-every"])
+        new_arrays, metrics = run.strategy.aggregate_train(rnd, replies.values(), cloud=cloud)
+        if metrics is None:
             continue
-        arrays = new_arrays
-        _record_aggregation_traffic(run.ledger, "head", run.strategy, arrays)
-        history.append({"round": rnd, **{k: float(v) for k, v in metrics.items()}, "seconds": time.monotonic() - round_started})
+        if new_arrays is not None:
+            arrays, edge_arrays = new_arrays, {}
+            _record_aggregation_traffic(run.ledger, "head", run.strategy, arrays)
+        else:
+            edge_arrays = {c: arrays_record(p) for c, p in run.strategy.last.cluster_params.items()}
+        history.append({"round": rnd, **{k: float(v) for k, v in metrics.items()}, "cloud": new_arrays is not None,
+                        "seconds": time.monotonic() - round_started})
         log(INFO, "head round %d: train loss %.4f, train accuracy %.4f", rnd, metrics["train-loss"], metrics["train-accuracy"])
     return arrays, history
 
@@ -249,13 +261,14 @@ def head_phase(run: Run, dim: int, num_classes: int) -> tuple[ArrayRecord, list[
 def threshold_phase(run: Run, head: ArrayRecord) -> tuple[float, list[dict[str, Any]], int]:
     """Phase 3: escalate, verify, step tau locally, aggregate edge then cloud; refresh P2P."""
     tau_global = run.cfg["tau-init"]
+    tau_edge: dict[int, float] = {}  # after an edge round: each cluster's own threshold
     rounds, training_escalations = [], 0
     for rnd in range(1, run.cfg["threshold-rounds"] + 1):
         round_started = time.monotonic()
-        conf = ConfigRecord({"split": "calibration", "tau-reference": tau_global, "server-round": rnd})
         contents = {}
-        for node in run.cluster_of:
-            contents[node] = RecordDict({"config": conf})
+        for node, cluster in run.cluster_of.items():
+            reference = tau_edge.get(cluster, tau_global)
+            contents[node] = RecordDict({"config": ConfigRecord({"split": "calibration", "tau-reference": reference, "server-round": rnd})})
             if rnd == 1:
                 contents[node]["arrays"] = head  # the final head travels once
             run.attach_prototypes(contents[node], node)
@@ -265,18 +278,23 @@ def threshold_phase(run: Run, head: ArrayRecord) -> tuple[float, list[dict[str, 
         replies = run.exchange("threshold", "train.threshold", feedback)
         if run.peers is not None:
             _refresh_peers(run.peers, replies, run.cluster_of, run.ledger)
-        tau_arrays, metrics = run.strategy.aggregate_train(rnd, replies.values())
-        if tau_arrays is None:
+        cloud = is_cloud_round(rnd, run.cfg["threshold-rounds"], run.cfg["cloud-every"])
+        tau_arrays, metrics = run.strategy.aggregate_train(rnd, replies.values(), cloud=cloud)
+        if metrics is None:
             log(WARNING, "threshold round %d: no updates, keeping tau = %.4f", rnd, tau_global)
             continue
-        _record_aggregation_traffic(run.ledger, "threshold", run.strategy, tau_arrays)
-        tau_global = float(record_arrays(tau_arrays)[0][0])
+        if tau_arrays is not None:
+            _record_aggregation_traffic(run.ledger, "threshold", run.strategy, tau_arrays)
+            tau_global, tau_edge = float(record_arrays(tau_arrays)[0][0]), {}
+        else:
+            tau_edge = {c: float(p[0][0]) for c, p in run.strategy.last.cluster_params.items()}
         per_cluster = {str(c): float(p[0][0]) for c, p in run.strategy.last.cluster_params.items()}
         rounds.append(
             {
                 "round": rnd,
-                "tau_global": tau_global,
+                "tau_global": tau_global,  # unchanged after an edge round
                 "tau_clusters": per_cluster,
+                "cloud": tau_arrays is not None,
                 "loss": float(metrics["loss"]),
                 "escalation_rate": float(metrics["escalation-rate"]),
                 "llm_items": round_items,

@@ -27,7 +27,7 @@ from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_a
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedhlm_app.aggregation import Aggregate, Rule, ServerAdam, Update, flat, hierarchical, weighted_mean
+from fedhlm_app.aggregation import Aggregate, Rule, ServerAdam, Update, edges, flat, hierarchical, weighted_mean
 from fedhlm_app.records import arrays_record, record_arrays
 
 WEIGHT_KEY = "num-examples"
@@ -74,7 +74,10 @@ class HierarchicalStrategy(Strategy):
         config["server-round"] = server_round
         return self._broadcast("train", arrays, config)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message], cloud: bool = True
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate a round; ``cloud=False`` stops at the edge (arrays None, ``last.cluster_params`` set)."""
         ok = []
         for m in replies:
             if m.has_error():
@@ -89,11 +92,14 @@ class HierarchicalStrategy(Strategy):
             Update(record_arrays(m.content["arrays"]), self.cluster_of[m.metadata.src_node_id], float(m.content["metrics"][WEIGHT_KEY]))
             for m in ok
         ]
-        if self.is_hierarchical:
+        if not self.is_hierarchical:
+            self.last = flat(updates, self.cloud_rule)
+        elif cloud:
             self.last = hierarchical(updates, self.edge_rule, self.cloud_rule)
         else:
-            self.last = flat(updates, self.cloud_rule)
-        return arrays_record(self.last.global_params), _weighted_metrics(ok)
+            self.last = edges(updates, self.edge_rule)
+        arrays = arrays_record(self.last.global_params) if self.last.global_params is not None else None
+        return arrays, _weighted_metrics(ok)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round

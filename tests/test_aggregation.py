@@ -127,3 +127,21 @@ def test_fedadam_strategy_moves_the_cloud_model_and_keeps_weighted_edges():
     second = strategy.aggregate_train(2, shifted)[0].to_numpy_ndarrays()[0][0]
     assert second == pytest.approx(first + 0.1)  # first Adam step: lr in the direction of the shift
     assert strategy.last.cluster_params[0][0][0] == pytest.approx(0.647)  # edges are plain weighted means
+
+
+def test_an_edge_round_stops_before_the_cloud():
+    strategy = make_strategy({"strategy": "hierarchical-fedadam", "server-lr": 0.1}, ROBUST_CLUSTERS)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(*r) for r in ROBUST_REPLIES], cloud=False)
+    assert arrays is None and metrics["num-examples"] == 200
+    assert strategy.last.global_params is None
+    assert strategy.last.cluster_params[0][0][0] == pytest.approx(0.547) and strategy.last.cluster_params[1][0][0] == pytest.approx(0.72)
+    assert strategy.cloud_rule.state == {}  # the cloud optimizer did not step
+    flat_strategy = make_strategy({"strategy": "fedavg"}, ROBUST_CLUSTERS)
+    assert flat_strategy.aggregate_train(1, [_reply(*r) for r in ROBUST_REPLIES], cloud=False)[0] is not None  # no edge tier
+
+
+def test_cloud_rounds_are_every_kth_and_the_last():
+    from fedhlm_app.server import is_cloud_round
+
+    assert [r for r in range(1, 8) if is_cloud_round(r, 7, 3)] == [3, 6, 7]
+    assert all(is_cloud_round(r, 5, 1) for r in range(1, 6))

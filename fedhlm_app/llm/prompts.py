@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from fedhlm_app.data import Split
+from fedhlm_app.data import Dataset, Split
 
 MAX_EXAMPLE_CHARS = 300  # keeps few-shot prompts short: the examples only show the format and the labels
 MAX_TEXT_CHARS = 2000  # the text asked about (AG News averages ~240 characters)
@@ -49,6 +50,12 @@ class LabelPrompt:
                 return c
         mentioned = {c for c, name in enumerate(self.class_names) if _mentions(said, name)}
         return mentioned.pop() if len(mentioned) == 1 else None
+
+
+def label_prompt(cfg: dict[str, Any], dataset: Dataset) -> LabelPrompt:
+    """The run config's prompt: the dataset's class names and ``oracle-few-shot`` train examples per class."""
+    examples = few_shot_examples(dataset.train, cfg["oracle-few-shot"], dataset.num_classes, cfg["seed"])
+    return LabelPrompt(list(dataset.class_names), examples)
 
 
 def few_shot_examples(split: Split, per_class: int, num_classes: int, seed: int) -> list[tuple[str, int]]:

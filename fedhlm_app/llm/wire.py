@@ -109,6 +109,11 @@ def verify_reply(v: Verification) -> dict[str, Any]:
     }
 
 
+def _rows(rows: list[Any], num_classes: int) -> np.ndarray:
+    """Per-item distributions with null rows (no answer) as NaN rows."""
+    return np.array([row if row is not None else [math.nan] * num_classes for row in rows], dtype=np.float64)
+
+
 def parse_verify_reply(reply: Any, n: int, num_classes: int) -> Verification:
     """A service's verify reply as a ``Verification``; ``OracleError`` when it is malformed."""
     try:
@@ -121,8 +126,7 @@ def parse_verify_reply(reply: Any, n: int, num_classes: int) -> Verification:
             raise ValueError("a final class or beta is out of range")
         if len(reply["beta"]) != n or len(reply["final"]) != n:
             raise ValueError("per-item lists differ in length")
-        rows = reply.get("q") or [None] * n
-        q = np.array([row if row is not None else [math.nan] * num_classes for row in rows], dtype=np.float64)
+        q = _rows(reply.get("q") or [None] * n, num_classes)
         if q.shape != (n, num_classes):
             raise ValueError(f"'q' has shape {q.shape}, expected {(n, num_classes)}")
     except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -137,6 +141,6 @@ def parse_distribution_reply(reply: Any, n: int, num_classes: int) -> np.ndarray
         rows = reply["q"]
         if len(rows) != n:
             raise ValueError(f"{len(rows)} rows for {n} texts")
-        return np.array([row if row is not None else [math.nan] * num_classes for row in rows], dtype=np.float64).reshape(n, num_classes)
+        return _rows(rows, num_classes).reshape(n, num_classes)
     except (KeyError, TypeError, ValueError) as exc:
         raise OracleError(f"malformed distribution reply: {type(exc).__name__}: {exc}") from None

@@ -58,6 +58,7 @@ SCHEMA: dict[str, Key] = {
     "num-clients": Key(int, _positive, "an integer >= 1"),
     "num-clusters": Key(int, _positive, "an integer >= 1"),
     "min-clients": Key(int, _non_negative, "an integer >= 0 (0: all num-clients)"),
+    "min-active-clients": Key(int, _positive, "an integer >= 1 (the run stops when fewer clients remain)"),
     "round-timeout": Key(float, _positive, "seconds > 0"),
     # data
     "data-source": _one_of(DATA_SOURCES),
@@ -152,5 +153,9 @@ def validate(run_config: Mapping[str, Any]) -> dict[str, Any]:
     if cfg["min-clients"] > cfg["num-clients"]:
         raise ConfigError(
             f"run config 'min-clients' = {cfg['min-clients']}: must be <= num-clients ({cfg['num-clients']})"
+        )
+    if cfg["min-active-clients"] > cfg["num-clients"]:
+        raise ConfigError(
+            f"run config 'min-active-clients' = {cfg['min-active-clients']}: must be <= num-clients ({cfg['num-clients']})"
         )
     return cfg

@@ -10,7 +10,10 @@ Labels may be integers (0- or 1-based) or strings. They are mapped to
 contiguous class ids ``0..C-1`` in sorted order; class names come from a
 ``classes.txt`` file beside the CSVs (one name per line, in label order) when
 present, else from the labels themselves. So any classification dataset in
-these formats works by config alone.
+these formats works by config alone. When the labels are the class names of
+``classes.txt``, that file fixes the class ids and the class count, so a
+SuperNode's folder that lacks some classes (non-IID) still agrees with the
+federation (``fedhlm_app.deploy.node_data`` writes folders this way).
 """
 
 from __future__ import annotations
@@ -124,20 +127,24 @@ def _label_order(raw: set[str]) -> list[str]:
     return sorted(raw)
 
 
-def _class_names(folder: Path | None, order: list[str]) -> list[str]:
-    names_file = folder / "classes.txt" if folder else None
-    if names_file and names_file.is_file():
-        names = [ln.strip() for ln in names_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        if len(names) == len(order):
-            return names
-    return list(order)
+def _listed_classes(folder: Path) -> list[str]:
+    """The class names of ``folder/classes.txt`` (empty when there is none)."""
+    names_file = folder / "classes.txt"
+    if not names_file.is_file():
+        return []
+    return [ln.strip() for ln in names_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
 def load_local(folder: Path, train_file: str, test_file: str) -> Dataset:
     """Load a train and a test CSV from ``folder``."""
     train_raw, train_texts = read_csv(_find_file(folder, train_file))
     test_raw, test_texts = read_csv(_find_file(folder, test_file))
-    order = _label_order(set(train_raw))
+    listed = _listed_classes(folder)
+    if listed and set(train_raw) | set(test_raw) <= set(listed):
+        order, names = listed, listed  # labels by name: the listed classes, all of them, in that order
+    else:
+        order = _label_order(set(train_raw))
+        names = listed if len(listed) == len(order) else list(order)
     unseen = set(test_raw) - set(order)
     if unseen:
         raise DataError(
@@ -149,7 +156,7 @@ def load_local(folder: Path, train_file: str, test_file: str) -> Dataset:
     return Dataset(
         train=Split(train_texts, to_ids(train_raw)),
         test=Split(test_texts, to_ids(test_raw)),
-        class_names=_class_names(folder, order),
+        class_names=names,
         source=f"local:{folder}",
     )
 

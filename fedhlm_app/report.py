@@ -212,6 +212,27 @@ def summary_table(policies: dict[str, dict[str, float]], llm_bytes: dict[str, in
     return rows
 
 
+def _dropouts(info: dict[int, dict[str, Any]], dropped: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Nodes that left the run: who (cluster, partition), in which phase, why."""
+    return [
+        {
+            "node_id": node,
+            "cluster": int(info[node]["cluster-id"]) if node in info else None,  # None: gone before setup
+            "partition_id": int(info[node]["partition-id"]) if node in info else None,
+            "phase": where["phase"],
+            "reason": where["reason"],
+        }
+        for node, where in sorted(dropped.items())
+    ]
+
+
+def _dropout_lines(dropouts: list[dict[str, Any]], started: int) -> list[str]:
+    if not dropouts:
+        return []
+    who = ", ".join(f"node {d['node_id']} (cluster {d['cluster']}) in {d['phase']}" for d in dropouts)
+    return [f"- **{len(dropouts)} of {started} clients dropped out**: {who}; the results cover the remaining clients."]
+
+
 def write_report(
     *,
     cfg: dict[str, Any],
@@ -225,6 +246,7 @@ def write_report(
     training_escalations: int,
     failures: list[dict[str, Any]],
     timings: dict[str, float],
+    dropped: dict[int, dict[str, Any]] | None = None,
     oracle_failures: list[dict[str, Any]] | None = None,
     peers: PeerCoordinator | None = None,
     head_params: list[np.ndarray] | None = None,
@@ -299,6 +321,7 @@ def write_report(
             "p2p_bytes": ledger.total("p2p"),
         },
         "failures": failures,
+        "dropouts": _dropouts(info, dropped or {}),
         "oracle": _oracle_block(cfg, oracle_failures or [], training_escalations, policies),
         "dataset": {"source": dataset_source, "classes": class_names},
         "wall_time_s": timings["total"],
@@ -342,6 +365,7 @@ def write_report(
             if results["p2p"]["enabled"]
             else []
         ),
+        *_dropout_lines(results["dropouts"], len(info)),
         f"- Training-time LLM items: {training_escalations} "
         f"({_fmt_bytes(results['communication']['training_llm_bytes'])} to and from the LLM).",
         f"- Wall time {timings['total']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if k != "total") + ").",

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedhlm_app.client import load_server_dataset
@@ -45,14 +46,25 @@ NO_ESCALATION, ALL_ESCALATION = 2.0, -1.0
 
 @dataclass
 class Exchange:
-    """Sends one phase's messages to nodes, counts bytes, returns the good replies."""
+    """Sends one phase's messages to nodes, counts bytes, returns the good replies.
+
+    A node that fails in a phase is logged in ``failures``. A node that is gone (the
+    SuperLink reports it unavailable, or it does not answer within the timeout) is also
+    recorded in ``dropped`` and gets no further messages, so a dead SuperNode costs one
+    wait, not one per phase; a node whose ClientApp raised stays in the run.
+    """
 
     grid: Grid
     ledger: Ledger
     timeout: float
     failures: list[dict[str, Any]] = field(default_factory=list)
+    min_active: int = 1  # the run stops when fewer nodes remain
+    dropped: dict[int, dict[str, Any]] = field(default_factory=dict)  # node -> where and why it left
+    nodes: set[int] = field(default_factory=set)  # every node addressed so far
 
     def __call__(self, phase: str, message_type: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
+        contents = {node: content for node, content in contents.items() if node not in self.dropped}
+        self.nodes.update(contents)
         messages = []
         for node, content in contents.items():
             items = array_items(content["feedback"], "ids") if "feedback" in content else 0
@@ -66,12 +78,15 @@ class Exchange:
             if proto_bytes:
                 self.ledger.add("p2p", "edge->client", proto_bytes)
             messages.append(Message(content, dst_node_id=node, message_type=message_type))
+        received = send_and_receive(self.grid, messages, self.timeout)
+        # Errors the SuperLink writes itself (node unavailable) come from the SuperLink's id.
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         replies: dict[int, Message] = {}
         failed: set[int] = set()
-        for reply in send_and_receive(self.grid, messages, self.timeout):
-            node = reply.metadata.src_node_id
+        for reply in received:
+            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
-                self._fail(phase, node, str(reply.error.reason))
+                self._fail(phase, node, str(reply.error.reason), gone=reply.error.code == ErrorCode.NODE_UNAVAILABLE)
                 failed.add(node)
                 continue
             sums_bytes = _part_size(reply.content, "p2p")
@@ -83,12 +98,20 @@ class Exchange:
                 self.ledger.add("p2p", "client->edge", sums_bytes)
             replies[node] = reply
         for node in set(contents) - set(replies) - failed:
-            self._fail(phase, node, f"no reply within {self.timeout:.0f}s")
+            self._fail(phase, node, f"no reply within {self.timeout:.0f}s", gone=True)
+        active = len(self.nodes) - len(self.dropped)
+        if self.dropped and active < self.min_active:
+            raise RuntimeError(
+                f"{phase}: {active} clients left, fewer than min-active-clients = {self.min_active} "
+                f"(dropped out: {sorted(self.dropped)})"
+            )
         return replies
 
-    def _fail(self, phase: str, node: int, reason: str) -> None:
-        log(WARNING, "%s: node %s failed: %s", phase, node, reason)
-        self.failures.append({"phase": phase, "node": node, "reason": reason})
+    def _fail(self, phase: str, node: int, reason: str, gone: bool) -> None:
+        log(WARNING, "%s: node %s %s: %s", phase, node, "dropped out" if gone else "failed", reason)
+        self.failures.append({"phase": phase, "node": node, "reason": reason, "dropped": gone})
+        if gone:
+            self.dropped[node] = {"phase": phase, "reason": reason}
 
 
 # Reply polling: fast at first (a simulated round trip takes milliseconds), then backing off.
@@ -341,7 +364,11 @@ def inference_phase(run: Run, tau_global: float) -> dict[str, dict[int, dict[str
             }
             for node, r in scored.items()
         }
-    return evaluation
+    # Policies are compared on the same items: a node missing under any policy leaves them all.
+    complete = set.intersection(*(set(per_node) for per_node in evaluation.values()))
+    if any(set(per_node) != complete for per_node in evaluation.values()):
+        log(WARNING, "inference: scoring the %d nodes that answered under every policy", len(complete))
+    return {name: {n: row for n, row in per_node.items() if n in complete} for name, per_node in evaluation.items()}
 
 
 @app.main()
@@ -351,7 +378,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = validate(context.run_config)  # fail fast, before anything loads
     dataset = load_server_dataset(cfg)  # fails fast on missing/malformed data
     oracle = make_oracle(cfg, dataset)  # loads its model (or checks its server) before clients featurize
-    exchange = Exchange(grid, Ledger(), cfg["round-timeout"])
+    exchange = Exchange(grid, Ledger(), cfg["round-timeout"], min_active=cfg["min-active-clients"])
     timings: dict[str, float] = {}
 
     t0 = time.monotonic()
@@ -387,6 +414,7 @@ def main(grid: Grid, context: Context) -> None:
         ledger=run.ledger,
         training_escalations=training_escalations,
         failures=exchange.failures,
+        dropped=exchange.dropped,
         oracle_failures=run.oracle_failures,
         peers=peers,
         head_params=record_arrays(head),

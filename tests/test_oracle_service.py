@@ -241,3 +241,35 @@ def test_the_service_command_starts_serves_and_stops(tmp_path):
         assert proc.wait(timeout=30) == 0
     bad = subprocess.run([*cmd[:-2], "-c", "oracle-timeout=-1"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "'oracle-timeout' = -1" in bad.stderr
+
+
+def test_https_service_is_trusted_through_its_ca_only(tmp_path, dataset, monkeypatch):
+    from fedhlm_app.deploy.credentials import write_tls
+    from fedhlm_app.llm.service import server_tls
+
+    write_tls(tmp_path, ["127.0.0.1"])
+    server = _serve(OracleService(("127.0.0.1", 0), LabelsOracle(dataset, 0), "labels", dataset.class_names, token=TOKEN,
+                                  tls=server_tls(str(tmp_path / "server.pem"), str(tmp_path / "server.key"))))
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        batch, labels = _items(dataset, 3)
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.crt"))  # how a ServerApp trusts a private CA
+        trusted = verify_safely(_remote(server, dataset), batch)
+        assert trusted.failed == 0 and trusted.final_classes(batch.drafts).tolist() == labels.tolist()
+        monkeypatch.delenv("SSL_CERT_FILE")
+        untrusted = verify_safely(_remote(server, dataset, retries=0), batch)
+        assert untrusted.failed == 3 and "CERTIFICATE_VERIFY_FAILED" in untrusted.failure
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_service_refuses_to_serve_beyond_loopback_without_a_token():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "FEDHLM_ORACLE_TOKEN"}
+    proc = subprocess.run([sys.executable, "-m", "fedhlm_app.llm.service", "--host", "0.0.0.0", "--port", "1"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "set FEDHLM_ORACLE_TOKEN to serve on 0.0.0.0" in proc.stderr

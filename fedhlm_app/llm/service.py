@@ -1,7 +1,10 @@
 """The LLM oracle service: any oracle backend behind a small HTTP API.
 
     python -m fedhlm_app.llm.service --backend classifier -c "oracle-model='models/cloud-mpnet'" --port 8800
-    FEDHLM_ORACLE_TOKEN=secret python -m fedhlm_app.llm.service --backend causal-lm --host 0.0.0.0
+    FEDHLM_ORACLE_TOKEN=secret python -m fedhlm_app.llm.service --backend causal-lm --host 0.0.0.0 \
+        --tls-cert secrets/server.pem --tls-key secrets/server.key
+
+Beyond loopback it refuses to start without a token (``--no-token`` overrides).
 
 Endpoints and formats: ``fedhlm_app.llm.wire``. The backend is configured with
 the same run-config keys as a FedHLM run (defaults from pyproject.toml, ``-c``
@@ -16,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import ipaddress
 import json
 import os
 import signal
+import ssl
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,8 +49,12 @@ class OracleService(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], oracle: Oracle, backend: str, class_names: list[str],
-                 token: str = "", max_batch: int = MAX_BATCH, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+                 token: str = "", max_batch: int = MAX_BATCH, max_body_bytes: int = MAX_BODY_BYTES,
+                 tls: ssl.SSLContext | None = None) -> None:
         super().__init__(address, _Handler)
+        if tls is not None:  # HTTPS: escalated texts and the bearer token are encrypted on the wire
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
+        self.scheme = "https" if tls is not None else "http"
         self.oracle, self.backend, self.class_names = oracle, backend, class_names
         self.token, self.max_batch, self.max_body_bytes = token, max_batch, max_body_bytes
         self.model_lock = threading.Lock()  # models run one batch at a time
@@ -53,7 +62,7 @@ class OracleService(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://{host}:{port}"
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "backend": self.backend, "classes": self.class_names, "max_batch": self.max_batch,
@@ -146,8 +155,24 @@ class _Handler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
 
+def server_tls(certfile: str, keyfile: str) -> ssl.SSLContext:
+    """A server-side TLS context from a PEM certificate (chain) and its key."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def build_service(backend: str, overrides: list[str], host: str, port: int, token: str,
-                  max_batch: int = MAX_BATCH, max_body_bytes: int = MAX_BODY_BYTES) -> OracleService:
+                  max_batch: int = MAX_BATCH, max_body_bytes: int = MAX_BODY_BYTES,
+                  tls: ssl.SSLContext | None = None) -> OracleService:
     """Validate the config, load the dataset's classes and the backend's model, bind the port."""
     from fedhlm_app.client import load_server_dataset
     from fedhlm_app.launch import merged_config, with_default_paths
@@ -156,7 +181,7 @@ def build_service(backend: str, overrides: list[str], host: str, port: int, toke
     cfg = validate(with_default_paths({**merged_config([], overrides), "oracle": backend}))
     dataset = load_server_dataset(cfg)
     oracle = make_oracle(cfg, dataset)
-    return OracleService((host, port), oracle, backend, list(dataset.class_names), token, max_batch, max_body_bytes)
+    return OracleService((host, port), oracle, backend, list(dataset.class_names), token, max_batch, max_body_bytes, tls)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,10 +192,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8800)
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="items per request")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
+    parser.add_argument("--tls-cert", default="", help="PEM certificate: serve HTTPS (clients trust its CA via SSL_CERT_FILE)")
+    parser.add_argument("--tls-key", default="", help="the certificate's PEM private key")
+    parser.add_argument("--no-token", action="store_true",
+                        help=f"allow serving beyond loopback without ${TOKEN_ENV} (a private network only)")
     args = parser.parse_args(argv)
     token = os.environ.get(TOKEN_ENV, "")
+    if not token and not args.no_token and not is_loopback(args.host):
+        # Secure by default: anyone who reaches the port could otherwise use the model.
+        print(f"fedhlm oracle service: set {TOKEN_ENV} to serve on {args.host} (or pass --no-token)", file=sys.stderr)
+        return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("fedhlm oracle service: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
     try:
-        service = build_service(args.backend, args.run_config, args.host, args.port, token, args.max_batch, args.max_body_bytes)
+        tls = server_tls(args.tls_cert, args.tls_key) if args.tls_cert else None
+        service = build_service(args.backend, args.run_config, args.host, args.port, token, args.max_batch,
+                                args.max_body_bytes, tls)
     except (ConfigError, OSError, ValueError) as exc:
         print(f"fedhlm oracle service: {exc}", file=sys.stderr)
         return 2

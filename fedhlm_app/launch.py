@@ -25,6 +25,7 @@ import os
 import shlex
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -110,59 +111,90 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
-def run_simulation(cfg: dict[str, Any], flwr_home: Path, cpus_per_client: int) -> str:
-    """Run the app on a fresh local SuperLink; return the final run status."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "fedhlm-sim"\n\n[superlink.fedhlm-sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    env = {
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of Flower processes: an isolated home, no phoning home, no runtime installs."""
+    return {
         **os.environ,
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
-        # The SuperLink spawns flower-superexec and flwr-simulation from PATH.
+        # The SuperLink and SuperNodes spawn flower-superexec, flwr-serverapp, flwr-clientapp from PATH.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    log_file = open(flwr_home / "superlink.log", "w")  # noqa: SIM115 - closed below
-    started = time.monotonic()
-    superlink = subprocess.Popen(
-        [_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
-         "--disable-runtime-dependency-installation"],
-        env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+
+
+def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None = None) -> None:
+    """``$FLWR_HOME/config.toml`` with one default SuperLink connection (insecure without a CA)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{security}\n'
     )
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, what: str, log_path: Path, timeout: float = 60.0,
+                 context: ssl.SSLContext | None = None) -> None:
+    """Poll ``url`` until it answers; fail early when ``proc`` exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1, context=context)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start; see {log_path}") from None
+            time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """Terminate ``proc`` (SIGTERM), then kill it if it has not exited after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_app(cfg: dict[str, Any], app_dir: Path, connection: str, env: dict[str, str], extra: list[str] = ()) -> str:
+    """``flwr run --stream`` the staged app with exactly ``cfg``; return the run's final status.
+
+    ``flwr run`` exits 0 even when the app failed, so the status comes from ``flwr ls``.
+    """
+    # Every key is passed explicitly, so what runs is exactly the validated, merged config.
+    overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.items())
+    cmd = [_bin("flwr"), "run", str(stage_app(app_dir)), connection, "--stream", "--run-config", overrides, *extra]
+    run_started = time.monotonic()
+    subprocess.run(cmd, env=env, cwd=ROOT, check=False)
+    print(f"fedhlm: flwr run returned after {time.monotonic() - run_started:.1f} s", flush=True)
+    listing = subprocess.run([_bin("flwr"), "ls", "--format", "json"], env=env, cwd=ROOT, capture_output=True, text=True)
+    runs = json.loads(listing.stdout or "{}").get("runs", [])
+    return str(runs[-1]["status"]) if runs else "unknown"
+
+
+def run_simulation(cfg: dict[str, Any], flwr_home: Path, cpus_per_client: int) -> str:
+    """Run the app on a fresh local SuperLink; return the final run status."""
+    port = free_port()
+    write_connection(flwr_home, "fedhlm-sim", f"127.0.0.1:{port}")
+    env = flower_env(flwr_home)
+    log_path = flwr_home / "superlink.log"
+    started = time.monotonic()
+    with open(log_path, "w") as log_file:
+        superlink = subprocess.Popen(
+            [_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
+             "--disable-runtime-dependency-installation"],
+            env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+        )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                if superlink.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"SuperLink did not start; see {flwr_home / 'superlink.log'}") from None
-                time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}/health", superlink, "SuperLink", log_path)
         print(f"fedhlm: SuperLink ready in {time.monotonic() - started:.1f} s", flush=True)
-        # Every key is passed explicitly, so what runs is exactly the validated, merged config.
-        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.items())
-        cmd = [_bin("flwr"), "run", str(stage_app(flwr_home / "app")), "fedhlm-sim", "--stream",
-               "--run-config", overrides,
-               "--federation-config", f"num-supernodes={cfg['num-clients']} client-resources-num-cpus={cpus_per_client}"]
-        run_started = time.monotonic()
-        subprocess.run(cmd, env=env, cwd=ROOT, check=False)
-        print(f"fedhlm: flwr run returned after {time.monotonic() - run_started:.1f} s", flush=True)
-        listing = subprocess.run([_bin("flwr"), "ls", "--format", "json"], env=env, cwd=ROOT, capture_output=True, text=True)
-        runs = json.loads(listing.stdout).get("runs", [])
-        return str(runs[-1]["status"]) if runs else "unknown"
+        simulation = f"num-supernodes={cfg['num-clients']} client-resources-num-cpus={cpus_per_client}"
+        return run_app(cfg, flwr_home / "app", "fedhlm-sim", env, ["--federation-config", simulation])
     finally:
         stopping = time.monotonic()
-        superlink.terminate()
-        try:
-            superlink.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            superlink.kill()
-        log_file.close()
+        stop(superlink)
         print(f"fedhlm: SuperLink stopped in {time.monotonic() - stopping:.1f} s", flush=True)
 
 

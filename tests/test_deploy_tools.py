@@ -76,3 +76,13 @@ def test_node_data_cli_says_what_is_wrong(tmp_path, args, message):
                            "--data-dir", str(BUNDLED_DATA), *args], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_walkthrough_preset_is_the_smoke_run_over_the_oracle_service():
+    from fedhlm_app.launch import merged_config
+
+    smoke = validate(merged_config([str(ROOT / "conf" / "smoke.toml")], []))
+    deployment = validate(merged_config([str(ROOT / "conf" / "deployment.toml")], []))
+    differing = {k for k in smoke if smoke[k] != deployment[k]}
+    assert differing == {"run-name", "oracle", "oracle-url"}
+    assert deployment["oracle"] == "remote" and deployment["oracle-url"].startswith("https://")

@@ -220,6 +220,7 @@ def _dropouts(info: dict[int, dict[str, Any]], dropped: dict[int, dict[str, Any]
             "cluster": int(info[node]["cluster-id"]) if node in info else None,  # None: gone before setup
             "partition_id": int(info[node]["partition-id"]) if node in info else None,
             "phase": where["phase"],
+            "round": where["round"],
             "reason": where["reason"],
         }
         for node, where in sorted(dropped.items())
@@ -247,6 +248,7 @@ def write_report(
     failures: list[dict[str, Any]],
     timings: dict[str, float],
     dropped: dict[int, dict[str, Any]] | None = None,
+    rejected: list[dict[str, Any]] | None = None,
     oracle_failures: list[dict[str, Any]] | None = None,
     peers: PeerCoordinator | None = None,
     head_params: list[np.ndarray] | None = None,
@@ -322,6 +324,7 @@ def write_report(
         },
         "failures": failures,
         "dropouts": _dropouts(info, dropped or {}),
+        "rejected_updates": rejected or [],  # invalid updates dropped before aggregation
         "oracle": _oracle_block(cfg, oracle_failures or [], training_escalations, policies),
         "dataset": {"source": dataset_source, "classes": class_names},
         "wall_time_s": timings["total"],
@@ -366,6 +369,12 @@ def write_report(
             else []
         ),
         *_dropout_lines(results["dropouts"], len(info)),
+        *(
+            [f"- **{len(results['rejected_updates'])} invalid client updates rejected before aggregation** "
+             "(`rejected_updates` in results.json names node, round and reason)."]
+            if results["rejected_updates"]
+            else []
+        ),
         f"- Training-time LLM items: {training_escalations} "
         f"({_fmt_bytes(results['communication']['training_llm_bytes'])} to and from the LLM).",
         f"- Wall time {timings['total']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if k != "total") + ").",

@@ -37,11 +37,13 @@ from fedhlm_app.records import (
 )
 from fedhlm_app.report import write_report
 from fedhlm_app.strategy import HierarchicalStrategy, make_strategy
+from fedhlm_app.updates import UpdateSpec
 
 app = ServerApp()
 
 # Routing policies evaluated on the same test items: name -> (tau, use each client's own tau)
 NO_ESCALATION, ALL_ESCALATION = 2.0, -1.0
+THRESHOLD_UPDATE = UpdateSpec("threshold", ((1,),), low=0.0, high=1.0)  # one tau in [0, 1]
 
 
 @dataclass
@@ -62,7 +64,7 @@ class Exchange:
     dropped: dict[int, dict[str, Any]] = field(default_factory=dict)  # node -> where and why it left
     nodes: set[int] = field(default_factory=set)  # every node addressed so far
 
-    def __call__(self, phase: str, message_type: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
+    def __call__(self, phase: str, message_type: str, contents: dict[int, RecordDict], rnd: int | None = None) -> dict[int, Message]:
         contents = {node: content for node, content in contents.items() if node not in self.dropped}
         self.nodes.update(contents)
         messages = []
@@ -86,7 +88,7 @@ class Exchange:
         for reply in received:
             node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
-                self._fail(phase, node, str(reply.error.reason), gone=reply.error.code == ErrorCode.NODE_UNAVAILABLE)
+                self._fail(phase, rnd, node, str(reply.error.reason), gone=reply.error.code == ErrorCode.NODE_UNAVAILABLE)
                 failed.add(node)
                 continue
             sums_bytes = _part_size(reply.content, "p2p")
@@ -98,7 +100,7 @@ class Exchange:
                 self.ledger.add("p2p", "client->edge", sums_bytes)
             replies[node] = reply
         for node in set(contents) - set(replies) - failed:
-            self._fail(phase, node, f"no reply within {self.timeout:.0f}s", gone=True)
+            self._fail(phase, rnd, node, f"no reply within {self.timeout:.0f}s", gone=True)
         active = len(self.nodes) - len(self.dropped)
         if self.dropped and active < self.min_active:
             raise RuntimeError(
@@ -107,11 +109,12 @@ class Exchange:
             )
         return replies
 
-    def _fail(self, phase: str, node: int, reason: str, gone: bool) -> None:
-        log(WARNING, "%s: node %s %s: %s", phase, node, "dropped out" if gone else "failed", reason)
-        self.failures.append({"phase": phase, "node": node, "reason": reason, "dropped": gone})
+    def _fail(self, phase: str, rnd: int | None, node: int, reason: str, gone: bool) -> None:
+        where = phase if rnd is None else f"{phase} round {rnd}"
+        log(WARNING, "%s: node %s %s: %s", where, node, "dropped out" if gone else "failed", reason)
+        self.failures.append({"phase": phase, "round": rnd, "node": node, "reason": reason, "dropped": gone})
         if gone:
-            self.dropped[node] = {"phase": phase, "reason": reason}
+            self.dropped[node] = {"phase": phase, "round": rnd, "reason": reason}
 
 
 # Reply polling: fast at first (a simulated round trip takes milliseconds), then backing off.
@@ -258,23 +261,24 @@ def is_cloud_round(rnd: int, last: int, every: int) -> bool:
 
 def head_phase(run: Run, dim: int, num_classes: int) -> tuple[ArrayRecord, list[dict[str, float]]]:
     """Phase 2: federated training of the SLM head, aggregated edge then cloud."""
-    arrays = arrays_record(SoftmaxHead(dim, num_classes).get_params())
+    initial = SoftmaxHead(dim, num_classes).get_params()
+    arrays, spec = arrays_record(initial), UpdateSpec.like("head", initial)
     edge_arrays: dict[int, ArrayRecord] = {}  # after an edge round: each cluster's own model
     history = []
     for rnd in range(1, run.cfg["head-rounds"] + 1):
         round_started = time.monotonic()
         conf = ConfigRecord({"server-round": rnd})
         content = {c: RecordDict({"arrays": edge_arrays.get(c, arrays), "config": conf}) for c in set(run.cluster_of.values())}
-        replies = run.exchange("head", "train.head", {n: content[c] for n, c in run.cluster_of.items()})
+        replies = run.exchange("head", "train.head", {n: content[c] for n, c in run.cluster_of.items()}, rnd)
         cloud = is_cloud_round(rnd, run.cfg["head-rounds"], run.cfg["cloud-every"])
-        new_arrays, metrics = run.strategy.aggregate_train(rnd, replies.values(), cloud=cloud)
+        new_arrays, metrics = run.strategy.aggregate_train(rnd, replies.values(), cloud=cloud, spec=spec)
         if metrics is None:
             continue
         if new_arrays is not None:
             arrays, edge_arrays = new_arrays, {}
             _record_aggregation_traffic(run.ledger, "head", run.strategy, arrays)
-        else:
-            edge_arrays = {c: arrays_record(p) for c, p in run.strategy.last.cluster_params.items()}
+        else:  # a cluster without valid updates this round keeps its model
+            edge_arrays.update({c: arrays_record(p) for c, p in run.strategy.last.cluster_params.items()})
         history.append({"round": rnd, **{k: float(v) for k, v in metrics.items()}, "cloud": new_arrays is not None,
                         "seconds": time.monotonic() - round_started})
         log(INFO, "head round %d: train loss %.4f, train accuracy %.4f", rnd, metrics["train-loss"], metrics["train-accuracy"])
@@ -295,14 +299,14 @@ def threshold_phase(run: Run, head: ArrayRecord) -> tuple[float, list[dict[str, 
             if rnd == 1:
                 contents[node]["arrays"] = head  # the final head travels once
             run.attach_prototypes(contents[node], node)
-        asked = run.exchange("threshold", "query.escalate", contents)
+        asked = run.exchange("threshold", "query.escalate", contents, rnd)
         feedback, round_items = _verify(run, "threshold", asked, ConfigRecord({"server-round": rnd}))
         training_escalations += round_items
-        replies = run.exchange("threshold", "train.threshold", feedback)
+        replies = run.exchange("threshold", "train.threshold", feedback, rnd)
         if run.peers is not None:
             _refresh_peers(run.peers, replies, run.cluster_of, run.ledger)
         cloud = is_cloud_round(rnd, run.cfg["threshold-rounds"], run.cfg["cloud-every"])
-        tau_arrays, metrics = run.strategy.aggregate_train(rnd, replies.values(), cloud=cloud)
+        tau_arrays, metrics = run.strategy.aggregate_train(rnd, replies.values(), cloud=cloud, spec=THRESHOLD_UPDATE)
         if metrics is None:
             log(WARNING, "threshold round %d: no updates, keeping tau = %.4f", rnd, tau_global)
             continue
@@ -310,8 +314,8 @@ def threshold_phase(run: Run, head: ArrayRecord) -> tuple[float, list[dict[str, 
         if tau_arrays is not None:
             _record_aggregation_traffic(run.ledger, "threshold", run.strategy, tau_arrays)
             tau_global, tau_edge = float(record_arrays(tau_arrays)[0][0]), {}
-        else:
-            tau_edge = edge_taus
+        else:  # a cluster without valid updates this round keeps its threshold
+            tau_edge.update(edge_taus)
         per_cluster = {str(c): t for c, t in edge_taus.items()}
         rounds.append(
             {
@@ -415,6 +419,7 @@ def main(grid: Grid, context: Context) -> None:
         training_escalations=training_escalations,
         failures=exchange.failures,
         dropped=exchange.dropped,
+        rejected=run.strategy.rejected,
         oracle_failures=run.oracle_failures,
         peers=peers,
         head_params=record_arrays(head),

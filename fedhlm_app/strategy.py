@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedhlm_app.aggregation import Aggregate, Rule, ServerAdam, Update, edges, flat, hierarchical, weighted_mean
 from fedhlm_app.records import arrays_record, record_arrays
+from fedhlm_app.updates import UpdateSpec
 
 WEIGHT_KEY = "num-examples"
 
@@ -61,6 +62,7 @@ class HierarchicalStrategy(Strategy):
         self.edge_rule = edge_rule
         self.cloud_rule = cloud_rule
         self.last: Aggregate | None = None
+        self.rejected: list[dict] = []  # updates dropped before aggregation: what, round, node, reason
 
     def summary(self) -> None:
         kind = "hierarchical (edge, then cloud)" if self.is_hierarchical else "flat"
@@ -75,23 +77,25 @@ class HierarchicalStrategy(Strategy):
         return self._broadcast("train", arrays, config)
 
     def aggregate_train(
-        self, server_round: int, replies: Iterable[Message], cloud: bool = True
+        self, server_round: int, replies: Iterable[Message], cloud: bool = True, spec: UpdateSpec | None = None
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate a round; ``cloud=False`` stops at the edge (arrays None, ``last.cluster_params`` set)."""
-        ok = []
+        """Aggregate a round; ``cloud=False`` stops at the edge (arrays None, ``last.cluster_params`` set).
+
+        With ``spec``, updates that do not fit it (shape, type, range, finiteness) are
+        dropped before aggregation, logged and kept in ``rejected``.
+        """
+        ok, updates = [], []
         for m in replies:
+            node = m.metadata.src_node_id
             if m.has_error():
-                log(WARNING, "round %d: node %s failed: %s", server_round, m.metadata.src_node_id, m.error.reason)
-            elif m.metadata.src_node_id not in self.cluster_of:
-                log(WARNING, "round %d: reply from unknown node %s ignored", server_round, m.metadata.src_node_id)
-            else:
+                log(WARNING, "round %d: node %s failed: %s", server_round, node, m.error.reason)
+            elif node not in self.cluster_of:
+                log(WARNING, "round %d: reply from unknown node %s ignored", server_round, node)
+            elif (update := self._update(server_round, m, spec)) is not None:
                 ok.append(m)
+                updates.append(update)
         if not ok:
             return None, None
-        updates = [
-            Update(record_arrays(m.content["arrays"]), self.cluster_of[m.metadata.src_node_id], float(m.content["metrics"][WEIGHT_KEY]))
-            for m in ok
-        ]
         if not self.is_hierarchical:
             self.last = flat(updates, self.cloud_rule)
         elif cloud:
@@ -100,6 +104,24 @@ class HierarchicalStrategy(Strategy):
             self.last = edges(updates, self.edge_rule)
         arrays = arrays_record(self.last.global_params) if self.last.global_params is not None else None
         return arrays, _weighted_metrics(ok)
+
+    def _update(self, server_round: int, reply: Message, spec: UpdateSpec | None) -> Update | None:
+        """The reply as an ``Update``, or None (logged, recorded) when it is malformed or invalid."""
+        node = reply.metadata.src_node_id
+        try:
+            params = record_arrays(reply.content["arrays"])
+            metrics = dict(reply.content["metrics"])
+            weight = metrics[WEIGHT_KEY]
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means a malformed reply
+            problem = f"malformed reply ({type(exc).__name__}: {exc})"
+        else:
+            problem = spec.problem(params, weight, metrics) if spec is not None else None
+        if problem is None:
+            return Update(params, self.cluster_of[node], float(weight))
+        what = spec.name if spec is not None else "update"
+        log(WARNING, "round %d: %s update from node %s rejected: %s", server_round, what, node, problem)
+        self.rejected.append({"what": what, "round": server_round, "node": node, "reason": problem})
+        return None
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round

@@ -65,7 +65,7 @@ def test_a_node_that_dies_mid_run_is_dropped_and_recorded(tmp_path, tiny_bert, h
     victim = 1001
     assert grid.after_death == ["query.escalate"]  # one lost message, then it is never addressed again
     assert results["dropouts"] == [
-        {"node_id": victim, "cluster": 0, "partition_id": 1, "phase": "threshold",
+        {"node_id": victim, "cluster": 0, "partition_id": 1, "phase": "threshold", "round": 1,
          "reason": "Error: Node Unavailable" if how == "unavailable" else "no reply within 3s"}
     ]
     assert {c["node_id"] for c in results["clients"]} == {1000, 1002, 1003, 1004}

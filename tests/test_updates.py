@@ -1,0 +1,117 @@
+"""Invalid client updates are rejected before aggregation; robust edge rules bound hostile ones."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from client_app import app as client_app
+from fedhlm_app.launch import BUNDLED_DATA
+from fedhlm_app.records import arrays_record, record_arrays
+from fedhlm_app.server import THRESHOLD_UPDATE
+from fedhlm_app.strategy import make_strategy
+from fedhlm_app.updates import UpdateSpec
+from helpers import LocalGrid, default_run_config, server_context
+from server_app import app as server_app
+
+HEAD = UpdateSpec.like("head", [np.zeros((3, 4), np.float32), np.zeros(4, np.float32)])
+
+
+@pytest.mark.parametrize("params, weight, metrics, problem", [
+    ([np.array([0.4])], 10, {"loss": 0.1}, None),
+    ([np.array([1])], 10, {}, None),  # integers are numbers
+    ([np.array([0.4]), np.array([0.1])], 10, {}, "2 arrays, expected 1"),
+    ([np.array([[0.4]])], 10, {}, "shape (1, 1), expected (1,)"),
+    ([np.array([math.nan])], 10, {}, "non-finite"),
+    ([np.array([math.inf])], 10, {}, "non-finite"),
+    ([np.array([1.5])], 10, {}, "outside [0.0, 1.0]"),
+    ([np.array([-0.1])], 10, {}, "outside [0.0, 1.0]"),
+    ([np.array(["0.4"])], 10, {}, "dtype <U3, expected numbers"),
+    ([np.array([0.4])], 0, {}, "num-examples = 0"),
+    ([np.array([0.4])], math.nan, {}, "num-examples = nan"),
+    ([np.array([0.4])], True, {}, "num-examples = True"),
+    ([np.array([0.4])], 10, {"loss": math.nan}, "metric 'loss' = nan"),
+])
+def test_threshold_update_checks(params, weight, metrics, problem):
+    found = THRESHOLD_UPDATE.problem(params, weight, metrics)
+    assert found is None if problem is None else problem in found
+
+
+def test_head_update_must_match_the_global_shapes():
+    good = [np.ones((3, 4), np.float32), np.ones(4, np.float32)]
+    assert HEAD.problem(good, 5, {}) is None
+    assert "array 0 has shape (4, 3)" in HEAD.problem([np.ones((4, 3)), np.ones(4)], 5, {})
+
+
+def _reply(node: int, arrays: ArrayRecord, metrics: dict) -> Message:
+    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train.threshold")
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=instruction)
+
+
+def _tau(node: int, tau, n: int = 10) -> Message:
+    return _reply(node, arrays_record([np.array([tau], dtype=np.float64)]), {"num-examples": n})
+
+
+def test_invalid_updates_are_dropped_with_node_and_reason_and_the_rest_aggregated():
+    strategy = make_strategy({"strategy": "hierarchical-fedavg"}, {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 1})
+    replies = [
+        _tau(1, 0.2, n=10), _tau(2, 0.6, n=30), _tau(3, 0.5, n=20),
+        _tau(4, math.nan),  # non-finite
+        _reply(5, arrays_record([np.array([0.5, 0.5])]), {"num-examples": 10}),  # wrong shape
+        _reply(6, ArrayRecord(), {"num-examples": 10}),  # no arrays at all
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies, spec=THRESHOLD_UPDATE)
+    # edge 0: (0.2*10 + 0.6*30)/40 = 0.5, edge 1: 0.5 (node 3 alone) -> cloud 0.5
+    assert record_arrays(arrays)[0][0] == pytest.approx(0.5)
+    assert [(r["node"], r["round"], r["what"]) for r in strategy.rejected] == [(4, 1, "threshold"), (5, 1, "threshold"), (6, 1, "threshold")]
+    assert "non-finite" in strategy.rejected[0]["reason"] and "shape (2,)" in strategy.rejected[1]["reason"]
+
+
+def _cluster_threshold(strategy_name: str, taus: list[float]) -> float:
+    cfg = {"strategy": strategy_name, "trim-fraction": 0.4, "server-lr": 0.01}
+    strategy = make_strategy(cfg, {node: 0 for node in range(len(taus))})
+    strategy.aggregate_train(1, [_tau(node, t) for node, t in enumerate(taus)], cloud=False, spec=THRESHOLD_UPDATE)
+    return float(strategy.last.cluster_params[0][0][0])
+
+
+@pytest.mark.parametrize("rule", ["hierarchical-median", "hierarchical-trimmed-mean"])
+def test_two_poisoned_clients_of_five_stay_inside_the_honest_range(rule):
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        honest = rng.uniform(0.3, 0.7, size=3).tolist()
+        poisoned = rng.choice([0.0, 1.0], size=2).tolist()  # the most extreme valid thresholds
+        tau = _cluster_threshold(rule, honest + poisoned)
+        assert min(honest) - 1e-12 <= tau <= max(honest) + 1e-12
+
+
+def test_the_plain_mean_is_moved_by_the_same_two_clients():
+    honest = [0.4, 0.45, 0.5]
+    assert _cluster_threshold("hierarchical-fedavg", honest + [1.0, 1.0]) > max(honest)
+
+
+def test_a_run_with_malicious_clients_rejects_their_updates(tmp_path, tiny_bert):
+    """Two clients of five send a NaN threshold and a wrong-shaped one every round."""
+    poison = {1001: [np.array([math.nan])], 1003: [np.array([0.5, 0.5])]}
+
+    class PoisoningGrid(LocalGrid):
+        def push_messages(self, messages):
+            ids = list(super().push_messages(messages))
+            for m in messages:
+                node = m.metadata.dst_node_id
+                reply = self._replies.get(m.metadata.message_id)
+                if node in poison and m.metadata.message_type == "train.threshold" and reply is not None:
+                    reply.content["arrays"] = arrays_record(poison[node])
+            return ids
+
+    nodes = [{"partition-id": i, "num-partitions": 5, "cluster-id": 0 if i < 3 else 1} for i in range(5)]
+    rc = default_run_config(**{
+        "slm-model": str(tiny_bert), "data-source": "local", "data-dir": str(BUNDLED_DATA), "num-clients": 5,
+        "cache-dir": str(tmp_path / "cache"), "results-dir": str(tmp_path / "results"), "threshold-rounds": 2,
+    })
+    server_app(PoisoningGrid(client_app, nodes, rc), server_context(rc))
+    results = json.loads((tmp_path / "results" / "latest" / "results.json").read_text())
+    assert sorted((r["node"], r["round"]) for r in results["rejected_updates"]) == [(1001, 1), (1001, 2), (1003, 1), (1003, 2)]
+    assert all(0.0 <= t <= 1.0 for t in results["thresholds"]["global"])
+    assert "4 invalid client updates rejected" in (tmp_path / "results" / "latest" / "summary.md").read_text()

@@ -179,6 +179,13 @@ def _set_tau(context: Context, tau: float) -> None:
     context.state["threshold"] = MetricRecord({"tau": float(tau)})
 
 
+def _restore(context: Context, held: ArrayRecord) -> None:
+    if "ids" in held:
+        context.state["feedback"] = ArrayRecord({k: held[k] for k in ("ids", "beta", "final")})
+    if "tau" in held:
+        _set_tau(context, float(to_numpy(held["tau"])[0]))
+
+
 def _known_feedback(context: Context) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Calibration items the LLM already judged: ids, rejection probability, final class."""
     if "feedback" not in context.state:
@@ -283,6 +290,8 @@ def escalate(msg: Message, context: Context) -> Message:
     data = local_data(context, cfg)
     if "arrays" in msg.content:  # the final head, sent once before threshold learning
         context.state["head"] = msg.content["arrays"]
+    if "restore" in msg.content:  # a resumed run: the LLM feedback and the threshold this client held
+        _restore(context, msg.content["restore"])
     if "prototypes" in msg.content:  # the cluster's refreshed P2P prototypes (the token cache)
         context.state["prototypes"] = msg.content["prototypes"]
     conf = msg.content["config"]

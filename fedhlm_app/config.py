@@ -54,6 +54,7 @@ SCHEMA: dict[str, Key] = {
     # run
     "run-name": Key(str, lambda v: "/" not in v and v not in {".", ".."}, "a plain name without '/' (empty: timestamp)"),
     "results-dir": Key(str, lambda v: True, "a folder path (empty: $FEDHLM_RESULTS_DIR or ./results)"),
+    "resume": Key(bool, lambda v: True, "true or false (continue from results-dir/run-name/checkpoint.pkl)"),
     "seed": Key(int, _non_negative, "an integer >= 0"),
     "num-clients": Key(int, _positive, "an integer >= 1"),
     "num-clusters": Key(int, _positive, "an integer >= 1"),
@@ -154,6 +155,8 @@ def validate(run_config: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"run config 'min-clients' = {cfg['min-clients']}: must be <= num-clients ({cfg['num-clients']})"
         )
+    if cfg["resume"] and not cfg["run-name"]:
+        raise ConfigError("run config 'resume' = true: needs a 'run-name' (the checkpoint is results-dir/run-name/checkpoint.pkl)")
     if cfg["min-active-clients"] > cfg["num-clients"]:
         raise ConfigError(
             f"run config 'min-active-clients' = {cfg['min-active-clients']}: must be <= num-clients ({cfg['num-clients']})"

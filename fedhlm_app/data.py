@@ -140,8 +140,12 @@ def load_local(folder: Path, train_file: str, test_file: str) -> Dataset:
     train_raw, train_texts = read_csv(_find_file(folder, train_file))
     test_raw, test_texts = read_csv(_find_file(folder, test_file))
     listed = _listed_classes(folder)
-    if listed and set(train_raw) | set(test_raw) <= set(listed):
+    raw = set(train_raw) | set(test_raw)
+    if listed and raw <= set(listed):
         order, names = listed, listed  # labels by name: the listed classes, all of them, in that order
+    elif listed and raw & set(listed):
+        unknown = sorted(raw - set(listed))
+        raise DataError(f"'{folder}': labels {unknown[:5]} are not classes of classes.txt ({listed})")
     else:
         order = _label_order(set(train_raw))
         names = listed if len(listed) == len(order) else list(order)

@@ -27,10 +27,10 @@ def ensure_task_identity() -> None:
 class LocalGrid(Grid):
     """Drives a ClientApp in-process, one Context per node."""
 
-    def __init__(self, client_app, node_configs: list[dict[str, Any]], run_config: dict[str, Any]) -> None:
+    def __init__(self, client_app, node_configs: list[dict[str, Any]], run_config: dict[str, Any], first_node_id: int = 1000) -> None:
         self._app = client_app
         self._ctx = {
-            1000 + i: Context(run_id=1, node_id=1000 + i, node_config=nc, state=RecordDict(), run_config=dict(run_config))
+            first_node_id + i: Context(run_id=1, node_id=first_node_id + i, node_config=nc, state=RecordDict(), run_config=dict(run_config))
             for i, nc in enumerate(node_configs)
         }
         self._run = None

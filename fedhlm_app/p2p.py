@@ -168,6 +168,10 @@ class PeerCoordinator:
         self.sums = totals
         self._views = {}
 
+    def rename_nodes(self, new_id: dict[int, int]) -> None:
+        """Carry the clients' latest sums over to their node ids in a resumed run (others are dropped)."""
+        self._latest = {new_id[node]: sums for node, sums in self._latest.items() if node in new_id}
+
     def prototypes(self) -> dict[int, np.ndarray]:
         return {c: s.prototypes() for c, s in sorted(self.sums.items())}
 

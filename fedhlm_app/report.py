@@ -217,7 +217,7 @@ def _dropouts(info: dict[int, dict[str, Any]], dropped: dict[int, dict[str, Any]
     return [
         {
             "node_id": node,
-            "cluster": int(info[node]["cluster-id"]) if node in info else None,  # None: gone before setup
+            "cluster": int(info[node]["cluster-id"]) if node in info else None,  # None: left during setup
             "partition_id": int(info[node]["partition-id"]) if node in info else None,
             "phase": where["phase"],
             "round": where["round"],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
+from fedhlm_app import checkpoint
 from fedhlm_app.client import load_server_dataset
 from fedhlm_app.config import validate
 from fedhlm_app.head import SoftmaxHead
@@ -32,10 +34,10 @@ from fedhlm_app.ledger import Ledger
 from fedhlm_app.oracle import EscalationBatch, Oracle, make_oracle, verify_safely
 from fedhlm_app.p2p import PeerCoordinator, prototypes_changed
 from fedhlm_app.records import (
-    array_items, arrays_record, pack_feedback, pack_prototypes, record_arrays, serialized_size, unpack_class_sums,
-    unpack_escalation,
+    array_items, arrays_record, pack_feedback, pack_prototypes, record_arrays, serialized_size, to_array, unpack_class_sums,
+    unpack_escalation, unpack_feedback,
 )
-from fedhlm_app.report import write_report
+from fedhlm_app.report import resolve_results_dir, write_report
 from fedhlm_app.strategy import HierarchicalStrategy, make_strategy
 from fedhlm_app.updates import UpdateSpec
 
@@ -108,6 +110,10 @@ class Exchange:
                 f"(dropped out: {sorted(self.dropped)})"
             )
         return replies
+
+    def drop(self, phase: str, node: int, reason: str) -> None:
+        """Take ``node`` out of the run (recorded like a dropout)."""
+        self._fail(phase, None, node, reason, gone=True)
 
     def _fail(self, phase: str, rnd: int | None, node: int, reason: str, gone: bool) -> None:
         where = phase if rnd is None else f"{phase} round {rnd}"
@@ -234,8 +240,12 @@ class Run:
     cluster_of: dict[int, int]
     strategy: HierarchicalStrategy
     peers: PeerCoordinator | None
+    partition_of: dict[int, int]  # node -> partition id (how a resumed run finds its clients again)
+    progress: Progress
+    checkpoint_path: Path
     prototypes_sent: dict[int, np.ndarray] = field(default_factory=dict)  # node -> what it last received
     oracle_failures: list[dict[str, Any]] = field(default_factory=list)  # one entry per batch with unanswered items
+    needs_state: set[int] = field(default_factory=set)  # nodes still to receive the head (and a resumed state)
 
     @property
     def ledger(self) -> Ledger:
@@ -244,14 +254,51 @@ class Run:
     def attach_prototypes(self, content: RecordDict, node: int) -> None:
         _attach_prototypes(content, self.peers, node, self.cluster_of[node], self.prototypes_sent)
 
+    def attach_state(self, content: RecordDict, node: int) -> None:
+        """On first contact after head training: the final head, and what a resumed client held."""
+        if node not in self.needs_state:
+            return
+        self.needs_state.discard(node)
+        content["arrays"] = arrays_record(self.progress.head)
+        held = self.progress.clients.get(self.partition_of[node])
+        if held:
+            content["restore"] = ArrayRecord({k: to_array(v) for k, v in held.items()})
+
+    def save(self) -> None:
+        """Checkpoint after a completed round (atomic)."""
+        self.progress.server = {
+            "ledger": self.ledger, "failures": self.exchange.failures, "peers": self.peers,
+            "strategy": self.strategy.state(), "oracle_failures": self.oracle_failures, "partition_of": self.partition_of,
+        }
+        checkpoint.save(self.checkpoint_path, self.cfg, self.progress)
+
+    def restore_server_state(self) -> None:
+        """After a resume: the saved ledger, failures, P2P state and strategy state, on today's node ids."""
+        saved = self.progress.server
+        if not saved:
+            return
+        self.exchange.ledger = saved["ledger"]
+        self.exchange.failures[:0] = saved["failures"]
+        self.oracle_failures[:0] = saved["oracle_failures"]
+        self.strategy.load_state(saved["strategy"])
+        if self.peers is not None and saved["peers"] is not None:
+            node_of_partition = {pid: node for node, pid in self.partition_of.items()}
+            self.peers = saved["peers"]
+            self.peers.rename_nodes({old: node_of_partition[pid] for old, pid in saved["partition_of"].items() if pid in node_of_partition})
+
 
 def setup_phase(exchange: Exchange, grid: Grid, cfg: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Phase 1: every client featurizes its data and reports its cluster and sizes."""
     nodes = wait_for_nodes(grid, cfg["min-clients"] or cfg["num-clients"], cfg["round-timeout"])
     setup = exchange("setup", "query.setup", {n: RecordDict() for n in nodes})
-    if not setup:
-        raise RuntimeError("no client completed setup; see the client errors above")
-    return {n: dict(r.content["info"]) for n, r in setup.items()}
+    info = {n: dict(r.content["info"]) for n, r in setup.items()}
+    for node, row in info.items():  # nothing to train or calibrate on: skipped, counted as a dropout
+        if min(int(row["n-fit"]), int(row["n-calibration"])) == 0:
+            exchange.drop("setup", node, f"empty partition (fit {row['n-fit']}, calibration {row['n-calibration']} rows)")
+    info = {n: row for n, row in info.items() if n not in exchange.dropped}
+    if not info:
+        raise RuntimeError("no client completed setup with data; see the client errors above")
+    return info
 
 
 def is_cloud_round(rnd: int, last: int, every: int) -> bool:
@@ -259,68 +306,79 @@ def is_cloud_round(rnd: int, last: int, every: int) -> bool:
     return rnd % every == 0 or rnd == last
 
 
-def head_phase(run: Run, dim: int, num_classes: int) -> tuple[ArrayRecord, list[dict[str, float]]]:
-    """Phase 2: federated training of the SLM head, aggregated edge then cloud."""
-    initial = SoftmaxHead(dim, num_classes).get_params()
-    arrays, spec = arrays_record(initial), UpdateSpec.like("head", initial)
-    edge_arrays: dict[int, ArrayRecord] = {}  # after an edge round: each cluster's own model
-    history = []
-    for rnd in range(1, run.cfg["head-rounds"] + 1):
+def head_phase(run: Run, dim: int, num_classes: int) -> None:
+    """Phase 2: federated training of the SLM head, aggregated edge then cloud (``progress.head``)."""
+    p = run.progress
+    if p.head is None:
+        p.head = SoftmaxHead(dim, num_classes).get_params()
+    spec = UpdateSpec.like("head", p.head)
+    for rnd in range(p.head_done + 1, run.cfg["head-rounds"] + 1):
         round_started = time.monotonic()
         conf = ConfigRecord({"server-round": rnd})
-        content = {c: RecordDict({"arrays": edge_arrays.get(c, arrays), "config": conf}) for c in set(run.cluster_of.values())}
+        arrays = arrays_record(p.head)
+        # after an edge round each cluster continues from its own model
+        content = {c: RecordDict({"arrays": arrays_record(p.edge_heads[c]) if c in p.edge_heads else arrays, "config": conf})
+                   for c in set(run.cluster_of.values())}
         replies = run.exchange("head", "train.head", {n: content[c] for n, c in run.cluster_of.items()}, rnd)
         cloud = is_cloud_round(rnd, run.cfg["head-rounds"], run.cfg["cloud-every"])
         new_arrays, metrics = run.strategy.aggregate_train(rnd, replies.values(), cloud=cloud, spec=spec)
-        if metrics is None:
-            continue
-        if new_arrays is not None:
-            arrays, edge_arrays = new_arrays, {}
-            _record_aggregation_traffic(run.ledger, "head", run.strategy, arrays)
-        else:  # a cluster without valid updates this round keeps its model
-            edge_arrays.update({c: arrays_record(p) for c, p in run.strategy.last.cluster_params.items()})
-        history.append({"round": rnd, **{k: float(v) for k, v in metrics.items()}, "cloud": new_arrays is not None,
-                        "seconds": time.monotonic() - round_started})
-        log(INFO, "head round %d: train loss %.4f, train accuracy %.4f", rnd, metrics["train-loss"], metrics["train-accuracy"])
-    return arrays, history
+        if metrics is not None:
+            if new_arrays is not None:
+                p.head, p.edge_heads = record_arrays(new_arrays), {}
+                _record_aggregation_traffic(run.ledger, "head", run.strategy, new_arrays)
+            else:  # a cluster without valid updates this round keeps its model
+                p.edge_heads.update(run.strategy.last.cluster_params)
+            p.head_rounds.append({"round": rnd, **{k: float(v) for k, v in metrics.items()}, "cloud": new_arrays is not None,
+                                  "seconds": time.monotonic() - round_started})
+            log(INFO, "head round %d: train loss %.4f, train accuracy %.4f", rnd, metrics["train-loss"], metrics["train-accuracy"])
+        p.head_done = rnd
+        run.save()
 
 
-def threshold_phase(run: Run, head: ArrayRecord) -> tuple[float, list[dict[str, Any]], int]:
+def threshold_phase(run: Run) -> None:
     """Phase 3: escalate, verify, step tau locally, aggregate edge then cloud; refresh P2P."""
-    tau_global = run.cfg["tau-init"]
-    tau_edge: dict[int, float] = {}  # after an edge round: each cluster's own threshold
-    rounds, training_escalations = [], 0
-    for rnd in range(1, run.cfg["threshold-rounds"] + 1):
+    p = run.progress
+    if p.tau_global is None:
+        p.tau_global = run.cfg["tau-init"]
+    for rnd in range(p.threshold_done + 1, run.cfg["threshold-rounds"] + 1):
         round_started = time.monotonic()
         contents = {}
         for node, cluster in run.cluster_of.items():
-            reference = tau_edge.get(cluster, tau_global)
+            reference = p.tau_edge.get(cluster, p.tau_global)
             contents[node] = RecordDict({"config": ConfigRecord({"split": "calibration", "tau-reference": reference, "server-round": rnd})})
-            if rnd == 1:
-                contents[node]["arrays"] = head  # the final head travels once
+            run.attach_state(contents[node], node)  # the final head travels once
             run.attach_prototypes(contents[node], node)
         asked = run.exchange("threshold", "query.escalate", contents, rnd)
         feedback, round_items = _verify(run, "threshold", asked, ConfigRecord({"server-round": rnd}))
-        training_escalations += round_items
+        p.training_escalations += round_items
+        for node, content in feedback.items():  # what each client now holds, for a resumed run
+            ids, verdict = unpack_feedback(content["feedback"])
+            p.remember_feedback(run.partition_of[node], ids, verdict.beta.astype(np.float32), verdict.final)
         replies = run.exchange("threshold", "train.threshold", feedback, rnd)
+        for node, reply in replies.items():
+            own_tau = _reply_threshold(reply)
+            if own_tau is not None:
+                p.remember_tau(run.partition_of[node], own_tau)
         if run.peers is not None:
             _refresh_peers(run.peers, replies, run.cluster_of, run.ledger)
         cloud = is_cloud_round(rnd, run.cfg["threshold-rounds"], run.cfg["cloud-every"])
         tau_arrays, metrics = run.strategy.aggregate_train(rnd, replies.values(), cloud=cloud, spec=THRESHOLD_UPDATE)
         if metrics is None:
-            log(WARNING, "threshold round %d: no updates, keeping tau = %.4f", rnd, tau_global)
+            log(WARNING, "threshold round %d: no updates, keeping tau = %.4f", rnd, p.tau_global)
+            p.threshold_done = rnd
+            run.save()
             continue
         edge_taus = {c: float(p[0][0]) for c, p in run.strategy.last.cluster_params.items()}
         if tau_arrays is not None:
             _record_aggregation_traffic(run.ledger, "threshold", run.strategy, tau_arrays)
-            tau_global, tau_edge = float(record_arrays(tau_arrays)[0][0]), {}
+            p.tau_global, p.tau_edge = float(record_arrays(tau_arrays)[0][0]), {}
         else:  # a cluster without valid updates this round keeps its threshold
-            tau_edge.update(edge_taus)
+            p.tau_edge.update(edge_taus)
         per_cluster = {str(c): t for c, t in edge_taus.items()}
-        rounds.append(
+        p.rounds.append(
             {
                 "round": rnd,
-                "tau_global": tau_global,  # unchanged after an edge round
+                "tau_global": p.tau_global,  # unchanged after an edge round
                 "tau_clusters": per_cluster,
                 "cloud": tau_arrays is not None,
                 "loss": float(metrics["loss"]),
@@ -331,8 +389,18 @@ def threshold_phase(run: Run, head: ArrayRecord) -> tuple[float, list[dict[str, 
             }
         )
         log(INFO, "threshold round %d: tau %.4f, clusters %s, loss %.4f, calibration escalation %.3f",
-            rnd, tau_global, {c: round(t, 3) for c, t in per_cluster.items()}, metrics["loss"], metrics["escalation-rate"])
-    return tau_global, rounds, training_escalations
+            rnd, p.tau_global, {c: round(t, 3) for c, t in per_cluster.items()}, metrics["loss"], metrics["escalation-rate"])
+        p.threshold_done = rnd
+        run.save()
+
+
+def _reply_threshold(reply: Message) -> float | None:
+    """The threshold a client reports holding (None when its reply is not a finite number)."""
+    try:
+        tau = float(record_arrays(reply.content["arrays"])[0].reshape(-1)[0])
+    except Exception:  # noqa: BLE001 - a malformed reply; the strategy rejects and records it
+        return None
+    return tau if np.isfinite(tau) else None
 
 
 def inference_phase(run: Run, tau_global: float) -> dict[str, dict[int, dict[str, float]]]:
@@ -355,6 +423,7 @@ def inference_phase(run: Run, tau_global: float) -> dict[str, dict[int, dict[str
             tried[node] = use_peers and peers.enabled(cluster)
             conf = {"split": "test", "tau": float(tau), "own-threshold": own, "tau-reference": tau_global, "try-p2p": tried[node]}
             contents[node] = RecordDict({"config": ConfigRecord(conf)})
+            run.attach_state(contents[node], node)  # a run resumed after threshold training
             if tried[node]:
                 run.attach_prototypes(contents[node], node)  # the latest refresh
         asked = run.exchange(phase, "query.escalate", contents)
@@ -377,9 +446,15 @@ def inference_phase(run: Run, tau_global: float) -> dict[str, dict[int, dict[str
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run FedHLM end to end and write the report."""
+    """Run FedHLM end to end (or on from its checkpoint) and write the report."""
     started, started_epoch = time.monotonic(), time.time()  # the epoch lets bench/ place the app in a launch
     cfg = validate(context.run_config)  # fail fast, before anything loads
+    cfg["run-name"] = cfg["run-name"] or time.strftime("%Y%m%d-%H%M%S")  # fixed now: the checkpoint lives there
+    checkpoint_path = resolve_results_dir(cfg["results-dir"]) / cfg["run-name"] / checkpoint.CHECKPOINT_FILE
+    progress = checkpoint.load(checkpoint_path, cfg) if cfg["resume"] else None
+    if cfg["resume"]:
+        log(INFO, "resume: %s", f"from head round {progress.head_done}, threshold round {progress.threshold_done}"
+            if progress else f"no checkpoint at {checkpoint_path}, starting from the beginning")
     dataset = load_server_dataset(cfg)  # fails fast on missing/malformed data
     oracle = make_oracle(cfg, dataset)  # loads its model (or checks its server) before clients featurize
     exchange = Exchange(grid, Ledger(), cfg["round-timeout"], min_active=cfg["min-active-clients"])
@@ -389,22 +464,25 @@ def main(grid: Grid, context: Context) -> None:
     info = setup_phase(exchange, grid, cfg)
     cluster_of = {n: int(i["cluster-id"]) for n, i in info.items()}
     peers = PeerCoordinator(cfg["p2p-neighbours"], cfg["p2p-neighbour-k"], cfg["p2p-cost"], cfg["llm-cost"]) if cfg["p2p"] else None
-    run = Run(cfg, exchange, oracle, cluster_of, make_strategy(cfg, cluster_of), peers)
+    run = Run(cfg, exchange, oracle, cluster_of, make_strategy(cfg, cluster_of), peers,
+              partition_of={n: int(i["partition-id"]) for n, i in info.items()}, progress=progress or checkpoint.Progress(),
+              checkpoint_path=checkpoint_path, needs_state=set(cluster_of))
+    run.restore_server_state()
     run.strategy.summary()
     log(INFO, "setup: %d clients in clusters %s", len(info), sorted(set(cluster_of.values())))
     timings["setup"] = time.monotonic() - t0
 
     t0 = time.monotonic()
     any_info = next(iter(info.values()))
-    head, head_rounds = head_phase(run, int(any_info["dim"]), int(any_info["num-classes"]))
+    head_phase(run, int(any_info["dim"]), int(any_info["num-classes"]))
     timings["head"] = time.monotonic() - t0
 
     t0 = time.monotonic()
-    tau_global, rounds, training_escalations = threshold_phase(run, head)
+    threshold_phase(run)
     timings["threshold"] = time.monotonic() - t0
 
     t0 = time.monotonic()
-    evaluation = inference_phase(run, tau_global)
+    evaluation = inference_phase(run, run.progress.tau_global)
     timings["inference"] = time.monotonic() - t0
 
     write_report(
@@ -413,16 +491,16 @@ def main(grid: Grid, context: Context) -> None:
         class_names=dataset.class_names,
         info=info,
         evaluation=evaluation,
-        rounds=rounds,
-        head_rounds=head_rounds,
+        rounds=run.progress.rounds,
+        head_rounds=run.progress.head_rounds,
         ledger=run.ledger,
-        training_escalations=training_escalations,
+        training_escalations=run.progress.training_escalations,
         failures=exchange.failures,
         dropped=exchange.dropped,
         rejected=run.strategy.rejected,
         oracle_failures=run.oracle_failures,
-        peers=peers,
-        head_params=record_arrays(head),
+        peers=run.peers,
+        head_params=run.progress.head,
         timings={**timings, "total": time.monotonic() - started},
         started_epoch=started_epoch,
     )

@@ -64,6 +64,14 @@ class HierarchicalStrategy(Strategy):
         self.last: Aggregate | None = None
         self.rejected: list[dict] = []  # updates dropped before aggregation: what, round, node, reason
 
+    def state(self) -> dict:
+        """What a checkpoint needs to resume this strategy: its rejections and the cloud rule (Adam keeps state)."""
+        return {"rejected": self.rejected, "cloud_rule": self.cloud_rule}
+
+    def load_state(self, state: dict) -> None:
+        self.rejected[:0] = state["rejected"]
+        self.cloud_rule = state["cloud_rule"]
+
     def summary(self) -> None:
         kind = "hierarchical (edge, then cloud)" if self.is_hierarchical else "flat"
         log(INFO, "\t├──> %s aggregation over %d nodes in %d clusters", kind, len(self.cluster_of), len(set(self.cluster_of.values())))

@@ -83,3 +83,11 @@ def test_truncate_is_seeded_subset(tmp_path):
     a, b = truncate(split, 10, 3), truncate(split, 10, 3)
     assert len(a) == 10 and a.texts == b.texts
     assert truncate(split, 0, 3) is split
+
+
+def test_labels_outside_the_listed_classes_are_an_error(tmp_path):
+    (tmp_path / "classes.txt").write_text("World\nSports\n")
+    (tmp_path / "train.csv").write_text("label,text\nWorld,a\nSports,b\nWeather,c\n")
+    (tmp_path / "test.csv").write_text("label,text\nWorld,d\n")
+    with pytest.raises(DataError, match=r"labels \['Weather'\] are not classes of classes.txt"):
+        load_local(tmp_path, "train.csv", "test.csv")

@@ -80,3 +80,19 @@ def test_a_node_that_dies_mid_run_is_dropped_and_recorded(tmp_path, tiny_bert, h
 def test_the_run_stops_when_fewer_than_min_active_clients_remain(tmp_path, tiny_bert):
     with pytest.raises(RuntimeError, match="4 clients left, fewer than min-active-clients = 5"):
         _run(tmp_path, tiny_bert, victim_index=4, answers=1, how="unavailable", **{"min-active-clients": 5})
+
+
+def test_clients_with_an_empty_partition_are_skipped_and_counted(tmp_path, tiny_bert):
+    nodes = [{"partition-id": i, "num-partitions": 8, "cluster-id": i % 2} for i in range(8)]
+    rc = default_run_config(**{
+        "slm-model": str(tiny_bert), "data-source": "local", "data-dir": str(BUNDLED_DATA), "num-clients": 8,
+        "max-train-items": 40, "max-test-items": 40, "dirichlet-alpha": 0.1, "min-partition-size": 0,
+        "cache-dir": str(tmp_path / "cache"), "results-dir": str(tmp_path / "results"), "threshold-rounds": 1,
+    })
+    grid = LocalGrid(client_app, nodes, rc)
+    server_app(grid, server_context(rc))
+    results = json.loads((tmp_path / "results" / "latest" / "results.json").read_text())
+    skipped = [d for d in results["dropouts"] if d["phase"] == "setup"]
+    assert skipped and all(d["reason"].startswith("empty partition") for d in skipped)
+    assert len(results["clients"]) + len(skipped) == 8
+    assert results["rejected_updates"] == []  # the empty clients never sent a zero-weight update

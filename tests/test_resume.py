@@ -1,0 +1,102 @@
+"""Crash safety: a run killed mid-training and resumed ends where an uninterrupted run ends."""
+
+import json
+
+import numpy as np
+import pytest
+
+from client_app import app as client_app
+from fedhlm_app import checkpoint
+from fedhlm_app.config import ConfigError, validate
+from fedhlm_app.launch import BUNDLED_DATA
+from helpers import LocalGrid, default_run_config, server_context
+from server_app import app as server_app
+
+NODES = [{"partition-id": i, "num-partitions": 5, "cluster-id": 0 if i < 3 else 1} for i in range(5)]
+
+
+class Crash(Exception):
+    """The ServerApp's machine going down."""
+
+
+class CrashingGrid(LocalGrid):
+    """Goes down when the ServerApp starts threshold round ``crash_at``."""
+
+    def __init__(self, *args, crash_at: int, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.crash_at, self.threshold_rounds = crash_at, 0
+
+    def push_messages(self, messages):
+        if messages and messages[0].metadata.message_type == "query.escalate" \
+                and messages[0].content["config"]["split"] == "calibration":
+            self.threshold_rounds += 1
+            if self.threshold_rounds == self.crash_at:
+                raise Crash(f"down at threshold round {self.crash_at}")
+        return super().push_messages(messages)
+
+
+def _config(tmp_path, tiny_bert, run_name, **overrides):
+    return default_run_config(**{
+        "slm-model": str(tiny_bert), "data-source": "local", "data-dir": str(BUNDLED_DATA), "num-clients": 5,
+        "cache-dir": str(tmp_path / "cache"), "results-dir": str(tmp_path / "results"), "run-name": run_name,
+        "threshold-rounds": 4, "tau-init": 0.95, "personalization-alpha": 0.5, "exploration-band": 0.3, **overrides,
+    })
+
+
+def _results(tmp_path, run_name):
+    return json.loads((tmp_path / "results" / run_name / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_bert):
+    tmp = tmp_path_factory.mktemp("resume")
+    whole = _config(tmp, tiny_bert, "whole")
+    server_app(LocalGrid(client_app, NODES, whole), server_context(whole))
+
+    broken = _config(tmp, tiny_bert, "broken")
+    with pytest.raises(Crash):
+        server_app(CrashingGrid(client_app, NODES, broken, crash_at=3), server_context(broken))
+    saved = checkpoint.load(tmp / "results" / "broken" / checkpoint.CHECKPOINT_FILE, validate(broken))
+
+    # A new federation: fresh client state and new node ids, as after restarting every process.
+    resumed = _config(tmp, tiny_bert, "broken", resume=True)
+    server_app(LocalGrid(client_app, NODES, resumed, first_node_id=5000), server_context(resumed))
+    return tmp, saved, _results(tmp, "whole"), _results(tmp, "broken")
+
+
+def test_the_checkpoint_holds_the_last_completed_round(runs):
+    _, saved, _, _ = runs
+    assert saved.head_done == 2 and saved.threshold_done == 2 and len(saved.rounds) == 2
+    assert set(saved.clients) == set(range(5)) and all("tau" in held and "ids" in held for held in saved.clients.values())
+
+
+def test_a_resumed_run_ends_with_the_thresholds_of_an_uninterrupted_one(runs):
+    _, _, whole, resumed = runs
+    assert [r["round"] for r in resumed["thresholds"]["rounds"]] == [1, 2, 3, 4]
+    # equal up to the last bits (numpy's SIMD sums depend on array alignment)
+    np.testing.assert_allclose(resumed["thresholds"]["global"], whole["thresholds"]["global"], rtol=0, atol=1e-12)
+    for cluster, taus in whole["thresholds"]["clusters"].items():
+        np.testing.assert_allclose(resumed["thresholds"]["clusters"][cluster], taus, rtol=0, atol=1e-12)
+    # personalized thresholds (alpha 0.5) depend on each client's own history, restored from the checkpoint
+    np.testing.assert_allclose([c["tau"] for c in resumed["clients"]], [c["tau"] for c in whole["clients"]], atol=1e-12)
+    assert resumed["accuracy"] == whole["accuracy"] and resumed["llm_rate"] == whole["llm_rate"]
+    assert resumed["training"]["llm_items"] == whole["training"]["llm_items"]
+
+
+def test_same_seed_same_partitions_thresholds_and_metrics(runs):
+    _, saved, whole, _ = runs
+    # the crashed run's first two rounds, computed independently, equal the whole run's
+    assert [r["tau_global"] for r in saved.rounds] == whole["thresholds"]["global"][:2]
+    assert [r["loss"] for r in saved.rounds] == [r["loss"] for r in whole["thresholds"]["rounds"][:2]]
+
+
+def test_resuming_with_another_config_is_refused_by_name(runs, tiny_bert):
+    tmp, _, _, _ = runs
+    changed = validate(_config(tmp, tiny_bert, "broken", kappa=10.0, resume=True))
+    with pytest.raises(checkpoint.CheckpointError, match=r"kappa: 40.0 -> 10.0"):
+        checkpoint.load(tmp / "results" / "broken" / checkpoint.CHECKPOINT_FILE, changed)
+
+
+def test_resume_needs_a_run_name(tmp_path, tiny_bert):
+    with pytest.raises(ConfigError, match="'resume' = true: needs a 'run-name'"):
+        validate(_config(tmp_path, tiny_bert, "", resume=True))

@@ -60,6 +60,7 @@ SCHEMA: dict[str, Key] = {
     "num-clusters": Key(int, _positive, "an integer >= 1"),
     "min-clients": Key(int, _non_negative, "an integer >= 0 (0: all num-clients)"),
     "min-active-clients": Key(int, _positive, "an integer >= 1 (the run stops when fewer clients remain)"),
+    "min-cluster-clients": Key(int, _positive, "an integer >= 1 (a cluster with fewer valid updates keeps its last aggregate)"),
     "round-timeout": Key(float, _positive, "seconds > 0"),
     # data
     "data-source": _one_of(DATA_SOURCES),

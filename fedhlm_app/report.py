@@ -121,10 +121,15 @@ def p2p_summary(per_client: dict[int, dict[str, float]]) -> dict[str, Any]:
     }
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    _write_atomically(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def plot_thresholds(rounds: list[dict[str, Any]], path: Path) -> None:
@@ -151,7 +156,9 @@ def plot_thresholds(rounds: list[dict[str, Any]], path: Path) -> None:
     ax.legend(lines, labels, fontsize=8, loc="best")
     ax.set_title("FedHLM threshold learning")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
     plt.close(fig)
 
 
@@ -381,7 +388,7 @@ def write_report(
         "",
         "![thresholds](thresholds.png)" if rounds else "",
     ]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    _write_atomically(out / "summary.md", "\n".join(lines) + "\n")
 
     latest = root / "latest"
     tmp_link = root / f".latest-{os.getpid()}"

@@ -17,6 +17,7 @@ The ServerApp drives its own phases (head, threshold, inference) and calls
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
@@ -56,8 +57,10 @@ class HierarchicalStrategy(Strategy):
         is_hierarchical: bool = True,
         edge_rule: Rule = weighted_mean,
         cloud_rule: Rule = weighted_mean,
+        min_cluster_updates: int = 1,
     ) -> None:
         self.cluster_of = dict(cluster_of)
+        self.min_cluster_updates = min_cluster_updates  # fewer valid updates: the cluster sits the round out
         self.is_hierarchical = is_hierarchical
         self.edge_rule = edge_rule
         self.cloud_rule = cloud_rule
@@ -102,6 +105,8 @@ class HierarchicalStrategy(Strategy):
             elif (update := self._update(server_round, m, spec)) is not None:
                 ok.append(m)
                 updates.append(update)
+        if self.is_hierarchical:
+            ok, updates = self._without_thin_clusters(server_round, ok, updates)
         if not ok:
             return None, None
         if not self.is_hierarchical:
@@ -112,6 +117,17 @@ class HierarchicalStrategy(Strategy):
             self.last = edges(updates, self.edge_rule)
         arrays = arrays_record(self.last.global_params) if self.last.global_params is not None else None
         return arrays, _weighted_metrics(ok)
+
+    def _without_thin_clusters(self, server_round: int, ok: list[Message], updates: list[Update]):
+        """Drop clusters with fewer than ``min_cluster_updates`` valid updates (they keep their last aggregate)."""
+        counts = Counter(u.cluster for u in updates)
+        thin = sorted(c for c, n in counts.items() if n < self.min_cluster_updates)
+        if not thin:
+            return ok, updates
+        log(WARNING, "round %d: clusters %s have fewer than %d valid updates and keep their previous aggregate",
+            server_round, thin, self.min_cluster_updates)
+        keep = [i for i, u in enumerate(updates) if u.cluster not in thin]
+        return [ok[i] for i in keep], [updates[i] for i in keep]
 
     def _update(self, server_round: int, reply: Message, spec: UpdateSpec | None) -> Update | None:
         """The reply as an ``Update``, or None (logged, recorded) when it is malformed or invalid."""
@@ -172,4 +188,6 @@ def make_strategy(cfg: dict, cluster_of: dict[int, int]) -> HierarchicalStrategy
         factory = STRATEGIES[cfg["strategy"]]
     except KeyError:
         raise ValueError(f"unknown strategy '{cfg['strategy']}' (known: {sorted(STRATEGIES)})") from None
-    return factory(cluster_of, cfg)
+    strategy = factory(cluster_of, cfg)
+    strategy.min_cluster_updates = cfg.get("min-cluster-clients", 1)  # honoured by every strategy
+    return strategy

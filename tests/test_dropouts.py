@@ -96,3 +96,31 @@ def test_clients_with_an_empty_partition_are_skipped_and_counted(tmp_path, tiny_
     assert skipped and all(d["reason"].startswith("empty partition") for d in skipped)
     assert len(results["clients"]) + len(skipped) == 8
     assert results["rejected_updates"] == []  # the empty clients never sent a zero-weight update
+
+
+class RaisingClientApp:
+    """The real ClientApp, except that node ``node`` raises in threshold round ``rnd``."""
+
+    def __init__(self, node: int, rnd: int) -> None:
+        self.node, self.rnd = node, rnd
+
+    def __call__(self, msg, context):
+        config = msg.content["config"] if "config" in msg.content else {}
+        if (context.node_id == self.node and msg.metadata.message_type == "train.threshold"
+                and int(config.get("server-round", 0)) == self.rnd):
+            raise RuntimeError("out of memory")
+        return client_app(msg, context)
+
+
+def test_a_client_that_raises_costs_its_update_for_that_round_only(tmp_path, tiny_bert):
+    nodes = [{"partition-id": i, "num-partitions": 5, "cluster-id": 0 if i < 3 else 1} for i in range(5)]
+    rc = default_run_config(**{
+        "slm-model": str(tiny_bert), "data-source": "local", "data-dir": str(BUNDLED_DATA), "num-clients": 5,
+        "cache-dir": str(tmp_path / "cache"), "results-dir": str(tmp_path / "results"), "threshold-rounds": 3,
+    })
+    server_app(LocalGrid(RaisingClientApp(1002, 2), nodes, rc), server_context(rc))
+    results = json.loads((tmp_path / "results" / "latest" / "results.json").read_text())
+    assert [(f["phase"], f["round"], f["node"], f["dropped"]) for f in results["failures"]] == [("threshold", 2, 1002, False)]
+    assert "out of memory" in results["failures"][0]["reason"]
+    assert [r["clients"] for r in results["thresholds"]["rounds"]] == [5, 4, 5]
+    assert results["dropouts"] == [] and len(results["clients"]) == 5

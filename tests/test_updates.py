@@ -115,3 +115,11 @@ def test_a_run_with_malicious_clients_rejects_their_updates(tmp_path, tiny_bert)
     assert sorted((r["node"], r["round"]) for r in results["rejected_updates"]) == [(1001, 1), (1001, 2), (1003, 1), (1003, 2)]
     assert all(0.0 <= t <= 1.0 for t in results["thresholds"]["global"])
     assert "4 invalid client updates rejected" in (tmp_path / "results" / "latest" / "summary.md").read_text()
+
+
+def test_a_cluster_below_its_minimum_sits_the_round_out():
+    strategy = make_strategy({"strategy": "hierarchical-fedavg", "min-cluster-clients": 2}, {1: 0, 2: 0, 3: 1, 4: 1})
+    arrays, _ = strategy.aggregate_train(1, [_tau(1, 0.2), _tau(2, 0.4), _tau(3, 0.9), _tau(4, math.nan)], spec=THRESHOLD_UPDATE)
+    # cluster 1 has one valid update (node 4's is rejected): only cluster 0 is aggregated
+    assert set(strategy.last.cluster_params) == {0}
+    assert record_arrays(arrays)[0][0] == pytest.approx(0.3)

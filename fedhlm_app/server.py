@@ -255,10 +255,9 @@ class Run:
         _attach_prototypes(content, self.peers, node, self.cluster_of[node], self.prototypes_sent)
 
     def attach_state(self, content: RecordDict, node: int) -> None:
-        """On first contact after head training: the final head, and what a resumed client held."""
+        """Until a node has answered once after head training: the final head, and what a resumed client held."""
         if node not in self.needs_state:
             return
-        self.needs_state.discard(node)
         content["arrays"] = arrays_record(self.progress.head)
         held = self.progress.clients.get(self.partition_of[node])
         if held:
@@ -349,6 +348,7 @@ def threshold_phase(run: Run) -> None:
             run.attach_state(contents[node], node)  # the final head travels once
             run.attach_prototypes(contents[node], node)
         asked = run.exchange("threshold", "query.escalate", contents, rnd)
+        run.needs_state.difference_update(asked)  # they hold the head now
         feedback, round_items = _verify(run, "threshold", asked, ConfigRecord({"server-round": rnd}))
         p.training_escalations += round_items
         for node, content in feedback.items():  # what each client now holds, for a resumed run
@@ -427,6 +427,7 @@ def inference_phase(run: Run, tau_global: float) -> dict[str, dict[int, dict[str
             if tried[node]:
                 run.attach_prototypes(contents[node], node)  # the latest refresh
         asked = run.exchange(phase, "query.escalate", contents)
+        run.needs_state.difference_update(asked)
         feedback, _ = _verify(run, phase, asked, ConfigRecord({"policy": name}))
         scored = run.exchange(phase, "evaluate.hlm", feedback)
         evaluation[name] = {

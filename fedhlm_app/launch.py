@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from fedhlm_app.config import ConfigError, validate
-from fedhlm_app.data import DATA_DIR_ENV, DataError, load_local, resolve_data_dir
+from fedhlm_app.data import DATA_DIR_ENV, DataError, load_local, resolve_data_dir, truncate
+from fedhlm_app.partition import partition_clients
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DATA = ROOT / "data" / "ag_news"
@@ -70,10 +71,17 @@ def with_default_paths(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_local_data(cfg: dict[str, Any]) -> None:
-    """Read the local CSVs once so a missing or broken dataset fails before Ray starts."""
+    """Read the local CSVs and partition them once, so a broken dataset or an impossible
+    partition (``min-partition-size``) fails before Ray starts, not in every client."""
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in {"", "0"}
     if cfg["data-source"] == "local" or (cfg["data-source"] == "auto" and offline):
-        load_local(resolve_data_dir(cfg["data-dir"]), cfg["train-file"], cfg["test-file"])
+        ds = load_local(resolve_data_dir(cfg["data-dir"]), cfg["train-file"], cfg["test-file"])
+        train, test = truncate(ds.train, cfg["max-train-items"], cfg["seed"]), truncate(ds.test, cfg["max-test-items"], cfg["seed"])
+        try:
+            partition_clients(train.labels, test.labels, cfg["num-clients"], cfg["dirichlet-alpha"], cfg["seed"],
+                              cfg["calibration-fraction"], cfg["min-partition-size"])
+        except ValueError as exc:
+            raise DataError(str(exc)) from exc
 
 
 APP_FILES = ("pyproject.toml", "server_app.py", "client_app.py", "fedhlm_app/**/*.py")

@@ -62,6 +62,10 @@ def _launch(*args: str) -> subprocess.CompletedProcess:
         ("num-clusters=50", "'num-clusters' = 50"),
         ("strategy='bogus'", "'strategy' = 'bogus'"),
         ("data-dir='/nonexistent/ag'", "data-dir '/nonexistent/ag' is not a directory"),
+        ("max-train-items=40 min-partition-size=10", "no Dirichlet(alpha=0.5) split of 40 rows over 20 clients"),
+        ("resume=true", "'resume' = true: needs a 'run-name'"),
+        ("min-cluster-clients=0", "'min-cluster-clients' = 0"),
+        ("unknown-key=1", "unknown keys ['unknown-key']"),
     ],
 )
 def test_launcher_fails_fast_with_one_clear_line(override, message):

@@ -158,8 +158,8 @@ def cluster_id(context: Context, cfg: dict[str, Any]) -> int:
 # ---- node-local state ---------------------------------------------------------------------------
 
 
-def _head(context: Context, data: LocalData) -> SoftmaxHead:
-    head = SoftmaxHead(data.fit.x.shape[1], data.num_classes)
+def _head(context: Context, data: LocalData, hidden: int) -> SoftmaxHead:
+    head = SoftmaxHead(data.fit.x.shape[1], data.num_classes, hidden)
     if "head" in context.state:
         head.set_params(record_arrays(context.state["head"]))
     return head
@@ -225,7 +225,7 @@ def _routing_inputs(context: Context, cfg: dict[str, Any], split: LocalSplit, da
     key = (_head_digest(context), cfg["uncertainty"])
     if key not in split.routing:
         split.routing.clear()  # one head at a time keeps memory bounded
-        arrays = routing_inputs(_head(context, data), cfg["uncertainty"], split.x)
+        arrays = routing_inputs(_head(context, data, cfg["head-hidden"]), cfg["uncertainty"], split.x)
         for a in arrays:
             a.setflags(write=False)  # shared by later messages: callers copy before changing
         split.routing[key] = arrays
@@ -265,7 +265,7 @@ def train_head(msg: Message, context: Context) -> Message:
     """Fit the head on the local fit split, starting from the global weights."""
     cfg = run_config(context)
     data = local_data(context, cfg)
-    head = SoftmaxHead(data.fit.x.shape[1], data.num_classes).set_params(record_arrays(msg.content["arrays"]))
+    head = SoftmaxHead(data.fit.x.shape[1], data.num_classes, cfg["head-hidden"]).set_params(record_arrays(msg.content["arrays"]))
     server_round = int(msg.content["config"]["server-round"])
     rng = np.random.default_rng([cfg["seed"], _partition(context, cfg)[0], server_round])
     head.fit(data.fit.x, data.fit.y, HeadConfig(epochs=cfg["head-epochs"], lr=cfg["head-lr"], l2=cfg["head-l2"]), rng)

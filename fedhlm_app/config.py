@@ -80,6 +80,7 @@ SCHEMA: dict[str, Key] = {
     "batch-tokens": Key(int, _positive, "an integer >= 1"),
     "cache-dir": Key(str, lambda v: True, "a folder (empty: $FEDHLM_CACHE_DIR or ~/.cache/fedhlm)"),
     "head-rounds": Key(int, _non_negative, "an integer >= 0"),
+    "head-hidden": Key(int, _non_negative, "an integer >= 0 (0: linear head; else ReLU units of one hidden layer)"),
     "head-epochs": Key(int, _positive, "an integer >= 1"),
     "head-lr": Key(float, _positive, "a number > 0"),
     "head-l2": Key(float, _non_negative, "a number >= 0"),

@@ -71,7 +71,8 @@ def item_outcomes(cfg: dict[str, Any], run_dir: Path) -> dict[str, np.ndarray]:
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("u", "slm", "llm", "client", "u_cal", "beta_cal")}
     for pid in range(cfg["num-clients"]):
         data = _local_data_cached(tuple(sorted(cfg.items())), pid, cfg["num-clients"], "")
-        head = SoftmaxHead(data.fit.x.shape[1], data.num_classes).set_params([model["head_weights"], model["head_bias"]])
+        params = [model[f"head_{i}"] for i in range(sum(k.startswith("head_") for k in model.files))]
+        head = SoftmaxHead(data.fit.x.shape[1], data.num_classes, cfg["head-hidden"]).set_params(params)
         p, u, draft = routing_inputs(head, cfg["uncertainty"], data.test.x)
         verification = verify_safely(oracle, _batch(data.test.texts, p, draft))
         out["u"].append(u)

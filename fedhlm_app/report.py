@@ -344,7 +344,7 @@ def write_report(
         # The learned model: the global head and each client's threshold (for later analysis).
         tmp = out / "model.tmp.npz"
         np.savez(
-            tmp, head_weights=head_params[0], head_bias=head_params[1],
+            tmp, **{f"head_{i}": p for i, p in enumerate(head_params)},
             partition_ids=np.array([c["partition_id"] for c in clients]), taus=np.array([c["tau"] for c in clients]),
             clusters=np.array([c["cluster"] for c in clients]),
         )

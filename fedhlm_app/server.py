@@ -309,7 +309,7 @@ def head_phase(run: Run, dim: int, num_classes: int) -> None:
     """Phase 2: federated training of the SLM head, aggregated edge then cloud (``progress.head``)."""
     p = run.progress
     if p.head is None:
-        p.head = SoftmaxHead(dim, num_classes).get_params()
+        p.head = SoftmaxHead(dim, num_classes, run.cfg["head-hidden"], seed=run.cfg["seed"]).get_params()
     spec = UpdateSpec.like("head", p.head)
     for rnd in range(p.head_done + 1, run.cfg["head-rounds"] + 1):
         round_started = time.monotonic()

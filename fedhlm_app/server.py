@@ -272,11 +272,10 @@ class Run:
         checkpoint.save(self.checkpoint_path, self.cfg, self.progress)
 
     def restore_server_state(self) -> None:
-        """After a resume: the saved ledger, failures, P2P state and strategy state, on today's node ids."""
+        """After a resume: the saved failures, P2P state and strategy state, on today's node ids."""
         saved = self.progress.server
         if not saved:
             return
-        self.exchange.ledger = saved["ledger"]
         self.exchange.failures[:0] = saved["failures"]
         self.oracle_failures[:0] = saved["oracle_failures"]
         self.strategy.load_state(saved["strategy"])
@@ -458,7 +457,9 @@ def main(grid: Grid, context: Context) -> None:
             if progress else f"no checkpoint at {checkpoint_path}, starting from the beginning")
     dataset = load_server_dataset(cfg)  # fails fast on missing/malformed data
     oracle = make_oracle(cfg, dataset)  # loads its model (or checks its server) before clients featurize
-    exchange = Exchange(grid, Ledger(), cfg["round-timeout"], min_active=cfg["min-active-clients"])
+    # a resumed run books its traffic on top of what the crashed one had sent
+    ledger = progress.server["ledger"] if progress and progress.server else Ledger()
+    exchange = Exchange(grid, ledger, cfg["round-timeout"], min_active=cfg["min-active-clients"])
     timings: dict[str, float] = {}
 
     t0 = time.monotonic()

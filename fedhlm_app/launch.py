@@ -104,7 +104,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _bin(name: str) -> str:
+def flower_bin(name: str) -> str:
+    """A Flower command of this environment (its bin folder), else from PATH."""
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else name
 
@@ -173,11 +174,11 @@ def run_app(cfg: dict[str, Any], app_dir: Path, connection: str, env: dict[str, 
     """
     # Every key is passed explicitly, so what runs is exactly the validated, merged config.
     overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.items())
-    cmd = [_bin("flwr"), "run", str(stage_app(app_dir)), connection, "--stream", "--run-config", overrides, *extra]
+    cmd = [flower_bin("flwr"), "run", str(stage_app(app_dir)), connection, "--stream", "--run-config", overrides, *extra]
     run_started = time.monotonic()
     subprocess.run(cmd, env=env, cwd=ROOT, check=False)
     print(f"fedhlm: flwr run returned after {time.monotonic() - run_started:.1f} s", flush=True)
-    listing = subprocess.run([_bin("flwr"), "ls", "--format", "json"], env=env, cwd=ROOT, capture_output=True, text=True)
+    listing = subprocess.run([flower_bin("flwr"), "ls", "--format", "json"], env=env, cwd=ROOT, capture_output=True, text=True)
     runs = json.loads(listing.stdout or "{}").get("runs", [])
     return str(runs[-1]["status"]) if runs else "unknown"
 
@@ -191,7 +192,7 @@ def run_simulation(cfg: dict[str, Any], flwr_home: Path, cpus_per_client: int) -
     started = time.monotonic()
     with open(log_path, "w") as log_file:
         superlink = subprocess.Popen(
-            [_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
+            [flower_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
              "--disable-runtime-dependency-installation"],
             env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
         )

@@ -34,7 +34,7 @@ from fedhlm_app.data import DataError, load_local, resolve_data_dir
 from fedhlm_app.deploy.credentials import write_node_key, write_tls
 from fedhlm_app.deploy.node_data import write_node_folders
 from fedhlm_app.launch import (
-    ROOT, _bin, check_local_data, flower_env, free_port, merged_config, run_app, stop, wait_healthy, with_default_paths,
+    ROOT, check_local_data, flower_bin, flower_env, free_port, merged_config, run_app, stop, wait_healthy, with_default_paths,
     write_connection,
 )
 from fedhlm_app.partition import cluster_of_partition
@@ -85,7 +85,7 @@ class LoopbackDeployment:
         """TLS on the one HTTPS port (Fleet, Control and Runtime APIs); only registered nodes may join."""
         self.port = free_port()
         proc = self._start("superlink", [
-            _bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+            flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
             "--ssl-ca-certfile", str(self.secrets / "ca.crt"), "--ssl-certfile", str(self.secrets / "server.pem"),
             "--ssl-keyfile", str(self.secrets / "server.key"), "--enable-supernode-auth",
             "--database", str(self.workdir / "superlink-state.db"), "--disable-runtime-dependency-installation",
@@ -96,7 +96,7 @@ class LoopbackDeployment:
 
     def register(self, node: int, cluster: int) -> None:
         """Register node ``node``'s public key (before it connects); its name carries the cluster."""
-        cmd = [_bin("flwr"), "supernode", "register", str(self.secrets / f"node-{node}.pub"), CONNECTION,
+        cmd = [flower_bin("flwr"), "supernode", "register", str(self.secrets / f"node-{node}.pub"), CONNECTION,
                "--name", f"cluster-{cluster}/node-{node}"]
         done = subprocess.run(cmd, env=flower_env(self.cli_home), capture_output=True, text=True, timeout=120)
         if done.returncode != 0 or "registered successfully" not in done.stdout:
@@ -107,7 +107,7 @@ class LoopbackDeployment:
         data_path = self.workdir / "node-data" / f"partition-{node}"
         node_config = f'cluster-id={cluster} partition-id={node} num-partitions={num_partitions} data-path="{data_path}"'
         return self._start(f"supernode-{node}", [
-            _bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+            flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates", str(self.secrets / "ca.crt"),
             "--auth-supernode-private-key", str(key or self.secrets / f"node-{node}"),
             "--port", str(free_port()), "--node-config", node_config,

@@ -87,10 +87,7 @@ def _data_args(cfg: dict[str, Any]) -> tuple:
 
 @lru_cache(maxsize=2)
 def _dataset(args: tuple, max_train: int, max_test: int, seed: int) -> data_mod.Dataset:
-    ds = data_mod.load_dataset(*args)
-    return data_mod.Dataset(
-        data_mod.truncate(ds.train, max_train, seed), data_mod.truncate(ds.test, max_test, seed), ds.class_names, ds.source
-    )
+    return data_mod.load_dataset(*args).truncated(max_train, max_test, seed)
 
 
 def load_server_dataset(cfg: dict[str, Any]) -> data_mod.Dataset:

@@ -61,6 +61,10 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def truncated(self, max_train: int, max_test: int, seed: int) -> "Dataset":
+        """Seeded subsets of at most ``max_train``/``max_test`` rows (0 keeps a split whole)."""
+        return Dataset(truncate(self.train, max_train, seed), truncate(self.test, max_test, seed), self.class_names, self.source)
+
 
 def resolve_data_dir(configured: str) -> Path:
     """The local data folder: the run-config value, else ``$FEDHLM_DATA_DIR``."""

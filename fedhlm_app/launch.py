@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from fedhlm_app.config import ConfigError, validate
-from fedhlm_app.data import DATA_DIR_ENV, DataError, load_local, resolve_data_dir, truncate
-from fedhlm_app.partition import partition_clients
+from fedhlm_app.data import DATA_DIR_ENV, DataError, load_local, resolve_data_dir
+from fedhlm_app.partition import configured_partitions
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DATA = ROOT / "data" / "ag_news"
@@ -76,10 +76,9 @@ def check_local_data(cfg: dict[str, Any]) -> None:
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in {"", "0"}
     if cfg["data-source"] == "local" or (cfg["data-source"] == "auto" and offline):
         ds = load_local(resolve_data_dir(cfg["data-dir"]), cfg["train-file"], cfg["test-file"])
-        train, test = truncate(ds.train, cfg["max-train-items"], cfg["seed"]), truncate(ds.test, cfg["max-test-items"], cfg["seed"])
+        ds = ds.truncated(cfg["max-train-items"], cfg["max-test-items"], cfg["seed"])
         try:
-            partition_clients(train.labels, test.labels, cfg["num-clients"], cfg["dirichlet-alpha"], cfg["seed"],
-                              cfg["calibration-fraction"], cfg["min-partition-size"])
+            configured_partitions(ds.train.labels, ds.test.labels, cfg["num-clients"], cfg)
         except ValueError as exc:
             raise DataError(str(exc)) from exc
 

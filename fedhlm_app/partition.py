@@ -108,6 +108,12 @@ def partition_clients(
     return clients
 
 
+def configured_partitions(train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int, cfg: dict) -> list[ClientIndices]:
+    """``partition_clients`` with the run config's skew, seed, calibration share and minimum size."""
+    return partition_clients(train_labels, test_labels, num_clients, cfg["dirichlet-alpha"], cfg["seed"],
+                             cfg["calibration-fraction"], cfg["min-partition-size"])
+
+
 def cluster_of_partition(partition_id: int, num_partitions: int, num_clusters: int) -> int:
     """Simulation rule: contiguous blocks of partition ids form a cluster."""
     return partition_id * num_clusters // num_partitions

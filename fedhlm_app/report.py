@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -121,15 +122,15 @@ def p2p_summary(per_client: dict[int, dict[str, float]]) -> dict[str, Any]:
     }
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` to a temporary name, then rename: readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # same suffix: np.savez and savefig keep the name
+    write(tmp)
     os.replace(tmp, path)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    _write_atomically(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n"))
 
 
 def plot_thresholds(rounds: list[dict[str, Any]], path: Path) -> None:
@@ -156,9 +157,7 @@ def plot_thresholds(rounds: list[dict[str, Any]], path: Path) -> None:
     ax.legend(lines, labels, fontsize=8, loc="best")
     ax.set_title("FedHLM threshold learning")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    _write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -342,13 +341,11 @@ def write_report(
     _write_json(out / "results.json", results)
     if head_params is not None:
         # The learned model: the global head and each client's threshold (for later analysis).
-        tmp = out / "model.tmp.npz"
-        np.savez(
+        _write_atomically(out / "model.npz", lambda tmp: np.savez(
             tmp, **{f"head_{i}": p for i, p in enumerate(head_params)},
             partition_ids=np.array([c["partition_id"] for c in clients]), taus=np.array([c["tau"] for c in clients]),
             clusters=np.array([c["cluster"] for c in clients]),
-        )
-        os.replace(tmp, out / "model.npz")
+        ))
     if rounds:
         plot_thresholds(rounds, out / "thresholds.png")
 
@@ -388,7 +385,7 @@ def write_report(
         "",
         "![thresholds](thresholds.png)" if rounds else "",
     ]
-    _write_atomically(out / "summary.md", "\n".join(lines) + "\n")
+    _write_atomically(out / "summary.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
     latest = root / "latest"
     tmp_link = root / f".latest-{os.getpid()}"

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from fedhlm_app.config import ConfigError, validate
-from fedhlm_app.data import DataError, Dataset, Split, load_local, resolve_data_dir, truncate
+from fedhlm_app.data import DataError, Dataset, Split, load_local, resolve_data_dir
 from fedhlm_app.launch import merged_config
-from fedhlm_app.partition import partition_clients
+from fedhlm_app.partition import configured_partitions
 
 
 def _write_split(path: Path, split: Split, class_names: list[str]) -> None:
@@ -36,10 +36,9 @@ def _write_split(path: Path, split: Split, class_names: list[str]) -> None:
 
 def write_node_folders(dataset: Dataset, cfg: dict[str, Any], num_partitions: int, out: Path) -> list[Path]:
     """``out/partition-<i>`` for each partition: its train rows (fit and calibration) and test rows."""
-    train = truncate(dataset.train, cfg["max-train-items"], cfg["seed"])
-    test = truncate(dataset.test, cfg["max-test-items"], cfg["seed"])
-    parts = partition_clients(train.labels, test.labels, num_partitions, cfg["dirichlet-alpha"], cfg["seed"],
-                              cfg["calibration-fraction"], cfg["min-partition-size"])
+    subset = dataset.truncated(cfg["max-train-items"], cfg["max-test-items"], cfg["seed"])
+    train, test = subset.train, subset.test
+    parts = configured_partitions(train.labels, test.labels, num_partitions, cfg)
     folders = []
     for pid, part in enumerate(parts):
         folder = out / f"partition-{pid}"

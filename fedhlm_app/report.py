@@ -372,7 +372,7 @@ def write_report(
             if results["p2p"]["enabled"]
             else []
         ),
-        *_dropout_lines(results["dropouts"], len(info)),
+        *_dropout_lines(results["dropouts"], len(set(info) | set(dropped or {}))),  # setup skips are not in info
         *(
             [f"- **{len(results['rejected_updates'])} invalid client updates rejected before aggregation** "
              "(`rejected_updates` in results.json names node, round and reason)."]

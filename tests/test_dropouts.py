@@ -95,6 +95,7 @@ def test_clients_with_an_empty_partition_are_skipped_and_counted(tmp_path, tiny_
     skipped = [d for d in results["dropouts"] if d["phase"] == "setup"]
     assert skipped and all(d["reason"].startswith("empty partition") for d in skipped)
     assert len(results["clients"]) + len(skipped) == 8
+    assert f"{len(skipped)} of 8 clients dropped out" in (tmp_path / "results" / "latest" / "summary.md").read_text()
     assert results["rejected_updates"] == []  # the empty clients never sent a zero-weight update
 
 

@@ -38,6 +38,12 @@ LEVERS = {
     "rounds30-margin": {"head-rounds": 30, "uncertainty": "margin"},
     "mlp256-entropy": {"head-hidden": 256},
     "mlp256-margin": {"head-hidden": 256, "uncertainty": "margin"},
+    "ngrams-entropy": {"ngram-buckets": 2**18},
+    "ngrams-margin": {"ngram-buckets": 2**18, "uncertainty": "margin"},
+    "ngrams-rounds30-margin": {"ngram-buckets": 2**18, "head-rounds": 30, "uncertainty": "margin"},
+    "mpnet-margin": {"slm-model": "mpnet", "uncertainty": "margin"},
+    "mpnet-ngrams-margin": {"slm-model": "mpnet", "ngram-buckets": 2**18, "uncertainty": "margin"},
+    "mpnet-ngrams-rounds30-margin": {"slm-model": "mpnet", "ngram-buckets": 2**18, "head-rounds": 30, "uncertainty": "margin"},
 }
 
 
@@ -92,7 +98,12 @@ def main() -> None:
             rows.append(measure(cfg, args.out))
             print(lever, seed, {k: round(v, 4) for k, v in rows[-1].items()}, flush=True)
         table[lever] = {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))} for k in rows[0]}
-    (args.out.parent / "frontier.json").write_text(json.dumps({"seeds": args.seeds, "levers": table}, indent=2) + "\n")
+    # Levers measured earlier on the same seeds stay in the file; those measured now replace theirs.
+    path = args.out.parent / "frontier.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    if earlier.get("seeds") == args.seeds:
+        table = {**earlier["levers"], **table}
+    path.write_text(json.dumps({"seeds": args.seeds, "levers": table}, indent=2) + "\n")
     keys = ["slm_accuracy", "auroc", *[f"acc@{r:.0%}" for r in RATES], *[f"oracle@{r:.0%}" for r in RATES], "accuracy", "llm_rate", "wall_s"]
     print("| lever | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")

@@ -31,7 +31,8 @@ from flwr.clientapp import ClientApp
 from fedhlm_app import data as data_mod
 from fedhlm_app.config import validate
 from fedhlm_app.features import EncoderSpec, featurize, resolve_cache_dir
-from fedhlm_app.head import HeadConfig, SoftmaxHead, unit_rows
+from fedhlm_app.ngrams import NgramBags
+from fedhlm_app.head import HeadConfig, HeadInputs, SoftmaxHead, head_from_config, unit_rows
 from fedhlm_app.oracle import EscalationBatch
 from fedhlm_app.p2p import ClassSums, prototypes_changed, resolve
 from fedhlm_app.partition import calibration_split, cluster_of_partition, partition_clients
@@ -47,17 +48,23 @@ app = ClientApp()
 
 @dataclass(frozen=True)
 class LocalSplit:
-    """A client's items: unit embeddings, labels and texts."""
+    """A client's items: unit embeddings, labels, texts and (optionally) hashed n-gram bags."""
 
     x: np.ndarray
     y: np.ndarray
     texts: list[str]
+    bags: NgramBags | None = None
     # (head digest, uncertainty measure) -> routing inputs; the head is fixed after training,
     # so threshold and inference rounds reuse them instead of rerunning the head.
     routing: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.y)
+
+    @property
+    def inputs(self) -> HeadInputs:
+        """What the head reads."""
+        return HeadInputs(self.x, self.bags)
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,8 @@ def _partitions(args: tuple, max_train: int, max_test: int, seed: int, n: int, a
 def _encode(split: data_mod.Split, cfg: dict[str, Any], label: str) -> LocalSplit:
     spec = EncoderSpec(cfg["slm-model"], cfg["max-length"], cfg["precision"], cfg["batch-tokens"])
     x = featurize(split.texts, spec, resolve_cache_dir(cfg["cache-dir"]), progress=label)
-    return LocalSplit(unit_rows(x), split.labels, split.texts)
+    bags = NgramBags.of(split.texts, cfg["ngram-buckets"]) if cfg["ngram-buckets"] else None
+    return LocalSplit(unit_rows(x), split.labels, split.texts, bags)
 
 
 @lru_cache(maxsize=1024)  # a Ray actor serves many nodes: keep all of them (bench/rounds.py: 200)
@@ -155,8 +163,8 @@ def cluster_id(context: Context, cfg: dict[str, Any]) -> int:
 # ---- node-local state ---------------------------------------------------------------------------
 
 
-def _head(context: Context, data: LocalData, hidden: int) -> SoftmaxHead:
-    head = SoftmaxHead(data.fit.x.shape[1], data.num_classes, hidden)
+def _head(context: Context, data: LocalData, cfg: dict[str, Any]) -> SoftmaxHead:
+    head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes)
     if "head" in context.state:
         head.set_params(record_arrays(context.state["head"]))
     return head
@@ -204,17 +212,24 @@ def _peer_tiers(context: Context, cfg: dict[str, Any], x: np.ndarray, drafts: np
     return resolve(x, drafts, protos[0], protos[1], cfg["p2p-delta"], cfg["p2p-margin"])
 
 
-def routing_inputs(head: SoftmaxHead, uncertainty: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What routing needs for items with embeddings ``x``: distribution, uncertainty, draft."""
+def routing_inputs(head: SoftmaxHead, uncertainty: str, x: HeadInputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What routing needs for items with head inputs ``x``: distribution, uncertainty, draft."""
     probs = head.predict_proba(x)
     return probs, get_measure(uncertainty)(probs), probs.argmax(axis=1)
 
 
+def _set_head(context: Context, arrays: ArrayRecord) -> None:
+    """Keep the final head and its digest (hashed once: with n-gram weights a head is megabytes)."""
+    context.state["head"] = arrays
+    digest = hashlib.blake2b(b"".join(a.data for a in arrays.values()), digest_size=16).digest()
+    context.state["head-digest"] = ConfigRecord({"digest": digest})
+
+
 def _head_digest(context: Context) -> bytes:
     """A hash of this node's head weights (empty before it has one)."""
-    if "head" not in context.state:
+    if "head-digest" not in context.state:
         return b""
-    return hashlib.blake2b(b"".join(a.data for a in context.state["head"].values()), digest_size=16).digest()
+    return bytes(context.state["head-digest"]["digest"])
 
 
 def _routing_inputs(context: Context, cfg: dict[str, Any], split: LocalSplit, data: LocalData):
@@ -222,7 +237,7 @@ def _routing_inputs(context: Context, cfg: dict[str, Any], split: LocalSplit, da
     key = (_head_digest(context), cfg["uncertainty"])
     if key not in split.routing:
         split.routing.clear()  # one head at a time keeps memory bounded
-        arrays = routing_inputs(_head(context, data, cfg["head-hidden"]), cfg["uncertainty"], split.x)
+        arrays = routing_inputs(_head(context, data, cfg), cfg["uncertainty"], split.inputs)
         for a in arrays:
             a.setflags(write=False)  # shared by later messages: callers copy before changing
         split.routing[key] = arrays
@@ -262,13 +277,13 @@ def train_head(msg: Message, context: Context) -> Message:
     """Fit the head on the local fit split, starting from the global weights."""
     cfg = run_config(context)
     data = local_data(context, cfg)
-    head = SoftmaxHead(data.fit.x.shape[1], data.num_classes, cfg["head-hidden"]).set_params(record_arrays(msg.content["arrays"]))
+    head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes).set_params(record_arrays(msg.content["arrays"]))
     server_round = int(msg.content["config"]["server-round"])
     rng = np.random.default_rng([cfg["seed"], _partition(context, cfg)[0], server_round])
-    head.fit(data.fit.x, data.fit.y, HeadConfig(epochs=cfg["head-epochs"], lr=cfg["head-lr"], l2=cfg["head-l2"]), rng)
-    accuracy = float(np.mean(head.predict_proba(data.fit.x).argmax(1) == data.fit.y)) if len(data.fit) else 0.0
+    head.fit(data.fit.inputs, data.fit.y, HeadConfig(epochs=cfg["head-epochs"], lr=cfg["head-lr"], l2=cfg["head-l2"]), rng)
+    accuracy = float(np.mean(head.predict_proba(data.fit.inputs).argmax(1) == data.fit.y)) if len(data.fit) else 0.0
     metrics = MetricRecord(
-        {"num-examples": len(data.fit), "train-loss": head.log_loss(data.fit.x, data.fit.y), "train-accuracy": accuracy}
+        {"num-examples": len(data.fit), "train-loss": head.log_loss(data.fit.inputs, data.fit.y), "train-accuracy": accuracy}
     )
     return Message(RecordDict({"arrays": arrays_record(head.get_params()), "metrics": metrics}), reply_to=msg)
 
@@ -286,7 +301,7 @@ def escalate(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
     data = local_data(context, cfg)
     if "arrays" in msg.content:  # the final head, sent once before threshold learning
-        context.state["head"] = msg.content["arrays"]
+        _set_head(context, msg.content["arrays"])
     if "restore" in msg.content:  # a resumed run: the LLM feedback and the threshold this client held
         _restore(context, msg.content["restore"])
     if "prototypes" in msg.content:  # the cluster's refreshed P2P prototypes (the token cache)

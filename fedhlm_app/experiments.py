@@ -62,7 +62,7 @@ def _run(base: dict[str, Any], name: str, overrides: dict[str, Any], seed: int, 
 def item_outcomes(cfg: dict[str, Any], run_dir: Path) -> dict[str, np.ndarray]:
     """Per-item uncertainty and correctness on every client's test items (and calibration beta)."""
     from fedhlm_app.client import _local_data_cached, load_server_dataset, routing_inputs
-    from fedhlm_app.head import SoftmaxHead
+    from fedhlm_app.head import head_from_config
     from fedhlm_app.oracle import make_oracle, verify_safely
     from fedhlm_app.speculative import rejection_probability
 
@@ -72,14 +72,14 @@ def item_outcomes(cfg: dict[str, Any], run_dir: Path) -> dict[str, np.ndarray]:
     for pid in range(cfg["num-clients"]):
         data = _local_data_cached(tuple(sorted(cfg.items())), pid, cfg["num-clients"], "")
         params = [model[f"head_{i}"] for i in range(sum(k.startswith("head_") for k in model.files))]
-        head = SoftmaxHead(data.fit.x.shape[1], data.num_classes, cfg["head-hidden"]).set_params(params)
-        p, u, draft = routing_inputs(head, cfg["uncertainty"], data.test.x)
+        head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes).set_params(params)
+        p, u, draft = routing_inputs(head, cfg["uncertainty"], data.test.inputs)
         verification = verify_safely(oracle, _batch(data.test.texts, p, draft))
         out["u"].append(u)
         out["slm"].append(draft == data.test.y)
         out["llm"].append(verification.final_classes(draft) == data.test.y)
         out["client"].append(np.full(len(draft), pid))
-        pc, u_cal, draft_cal = routing_inputs(head, cfg["uncertainty"], data.calibration.x)
+        pc, u_cal, draft_cal = routing_inputs(head, cfg["uncertainty"], data.calibration.inputs)
         out["u_cal"].append(u_cal)
         out["beta_cal"].append(rejection_probability(pc, oracle.distribution(data.calibration.texts), draft_cal))
     return {k: np.concatenate(v) for k, v in out.items()}

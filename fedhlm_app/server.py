@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedhlm_app import checkpoint
 from fedhlm_app.client import load_server_dataset
 from fedhlm_app.config import validate
-from fedhlm_app.head import SoftmaxHead
+from fedhlm_app.head import head_from_config
 from fedhlm_app.ledger import Ledger
 from fedhlm_app.oracle import EscalationBatch, Oracle, make_oracle, verify_safely
 from fedhlm_app.p2p import PeerCoordinator, prototypes_changed
@@ -308,7 +308,7 @@ def head_phase(run: Run, dim: int, num_classes: int) -> None:
     """Phase 2: federated training of the SLM head, aggregated edge then cloud (``progress.head``)."""
     p = run.progress
     if p.head is None:
-        p.head = SoftmaxHead(dim, num_classes, run.cfg["head-hidden"], seed=run.cfg["seed"]).get_params()
+        p.head = head_from_config(run.cfg, dim, num_classes, seed=run.cfg["seed"]).get_params()
     spec = UpdateSpec.like("head", p.head)
     for rnd in range(p.head_done + 1, run.cfg["head-rounds"] + 1):
         round_started = time.monotonic()

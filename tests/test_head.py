@@ -1,9 +1,17 @@
-"""The numpy SLM head: gradients against finite differences, and what the hidden layer buys."""
+"""The numpy SLM head: gradients against finite differences, what the hidden layer and the
+n-gram channel buy."""
 
 import numpy as np
 import pytest
 
-from fedhlm_app.head import HeadConfig, SoftmaxHead
+from fedhlm_app.head import HeadConfig, HeadInputs, SoftmaxHead
+from fedhlm_app.ngrams import NgramBags
+
+WORDS = "stocks rally oil team wins cup chip launch vote senate".split()
+
+
+def _texts(rng: np.random.Generator, n: int) -> list[str]:
+    return [" ".join(rng.choice(WORDS, size=rng.integers(1, 6))) for _ in range(n)]
 
 
 def _loss(head: SoftmaxHead, x, y, l2: float) -> float:
@@ -12,12 +20,14 @@ def _loss(head: SoftmaxHead, x, y, l2: float) -> float:
 
 
 @pytest.mark.parametrize("hidden", [0, 5])
-def test_gradients_match_finite_differences(hidden):
+@pytest.mark.parametrize("buckets", [0, 16])
+def test_gradients_match_finite_differences(hidden, buckets):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(7, 4)), rng.integers(0, 3, 7)
-    head = SoftmaxHead(4, 3, hidden, seed=1)
-    if not hidden:
-        head.params = [rng.normal(size=(4, 3)), rng.normal(size=3)]
+    if buckets:
+        x = HeadInputs(x, NgramBags.of(_texts(rng, 7), buckets))
+    head = SoftmaxHead(4, 3, hidden, seed=1, ngram_buckets=buckets)
+    head.params = [rng.normal(size=p.shape) for p in head.params]  # away from the zero start
     grads = head._gradients(x, np.eye(3)[y], l2=0.01)
     for param, grad in zip(head.params, grads):
         for index in np.ndindex(param.shape):
@@ -44,3 +54,35 @@ def test_the_hidden_layer_learns_what_a_linear_head_cannot():
 def test_set_params_refuses_other_shapes():
     with pytest.raises(ValueError, match="head shapes"):
         SoftmaxHead(4, 3, hidden=5).set_params(SoftmaxHead(4, 3).get_params())
+
+
+def test_the_ngram_channel_learns_what_the_embedding_does_not_carry():
+    rng = np.random.default_rng(0)
+    texts = _texts(rng, 300)
+    y = np.array([int("oil" in t.split()) for t in texts])  # the class is one word's presence
+    noise = rng.normal(size=(300, 8))  # an embedding that knows nothing about it
+    cfg = HeadConfig(epochs=30, lr=0.05, l2=0.0)
+    plain = SoftmaxHead(8, 2).fit(noise[:200], y[:200], cfg, np.random.default_rng(1))
+    inputs = HeadInputs(noise, NgramBags.of(texts, 1024))
+    lexical = SoftmaxHead(8, 2, ngram_buckets=1024).fit(inputs[np.arange(200)], y[:200], cfg, np.random.default_rng(1))
+    held_out = np.arange(200, 300)
+    plain_acc = float(np.mean(plain.predict_proba(noise[held_out]).argmax(1) == y[held_out]))
+    lexical_acc = float(np.mean(lexical.predict_proba(inputs[held_out]).argmax(1) == y[held_out]))
+    majority = max(np.mean(y[held_out]), 1 - np.mean(y[held_out]))
+    assert plain_acc < majority + 0.05 and lexical_acc > 0.95
+
+
+def test_a_batch_updates_only_the_ngram_rows_it_contains():
+    texts = ["oil prices", "team wins"]
+    bags = NgramBags.of(texts, 1024)
+    head = SoftmaxHead(2, 2, ngram_buckets=1024)
+    head.fit(HeadInputs(np.zeros((1, 2)), bags[np.array([0])]), np.array([1]), HeadConfig(epochs=1), np.random.default_rng(0))
+    changed = set(np.flatnonzero(np.abs(head.params[-1]).sum(axis=1)))
+    assert changed == set(bags[np.array([0])].indices.tolist())
+    assert not changed & set(bags[np.array([1])].indices.tolist())
+
+
+def test_a_head_with_ngrams_refuses_inputs_without_them():
+    head = SoftmaxHead(2, 2, ngram_buckets=1024)
+    with pytest.raises(ValueError, match="n-gram bags of 1024 buckets"):
+        head.predict_proba(np.zeros((1, 2)))

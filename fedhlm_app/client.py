@@ -4,22 +4,24 @@ Message types it answers (all initiated by the ServerApp):
 
 - ``query.setup``: load the local partition, featurize it (cached), report the
   cluster and sizes;
+- ``train.encoder`` / ``query.encoder`` (with ``encoder-rounds`` > 0): fine-tune the
+  encoder's top layers from the global weights; install the result and featurize with it;
 - ``train.head``: fit the classification head from the global weights;
 - ``query.escalate``: route the calibration or test items with the current
   threshold and send the uncertain ones (text, distribution, draft) to the LLM;
 - ``train.threshold``: take local gradient steps on tau with the LLM feedback;
 - ``evaluate.hlm``: combine local, peer (P2P) and LLM answers and score them.
 
-Node-local state (the head, the threshold tau_i, cached LLM feedback, the
-cluster's P2P prototypes, the last routing) lives in ``context.state`` and
-never leaves the node except as the updates above: thresholds, head weights,
-per-class embedding sums for the prototypes, and the escalated items.
+Node-local state (the final head's outputs on the local items, the threshold tau_i,
+cached LLM feedback, the cluster's P2P prototypes, the last routing, the installed
+encoder) lives in ``context.state`` and never leaves the node except as the updates
+above: encoder layers, head weights, thresholds, per-class embedding sums for the
+prototypes, and the escalated items.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from flwr.clientapp import ClientApp
 from fedhlm_app import data as data_mod
 from fedhlm_app.config import validate
 from fedhlm_app.features import EncoderSpec, featurize, resolve_cache_dir
+from fedhlm_app.finetune import TuningConfig, get_tuner
 from fedhlm_app.ngrams import NgramBags
 from fedhlm_app.head import HeadConfig, HeadInputs, SoftmaxHead, head_from_config, unit_rows
 from fedhlm_app.oracle import EscalationBatch
@@ -54,9 +57,6 @@ class LocalSplit:
     y: np.ndarray
     texts: list[str]
     bags: NgramBags | None = None
-    # (head digest, uncertainty measure) -> routing inputs; the head is fixed after training,
-    # so threshold and inference rounds reuse them instead of rerunning the head.
-    routing: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -115,29 +115,44 @@ def _encode(split: data_mod.Split, cfg: dict[str, Any], label: str) -> LocalSpli
     return LocalSplit(unit_rows(x), split.labels, split.texts, bags)
 
 
+@dataclass(frozen=True)
+class LocalTexts:
+    """A client's splits before featurization."""
+
+    fit: data_mod.Split
+    calibration: data_mod.Split
+    test: data_mod.Split
+    num_classes: int
+
+
 @lru_cache(maxsize=1024)  # a Ray actor serves many nodes: keep all of them (bench/rounds.py: 200)
-def _local_data_cached(cfg_items: tuple, partition_id: int, num_partitions: int, data_path: str) -> LocalData:
+def _local_texts(cfg_items: tuple, partition_id: int, num_partitions: int, data_path: str) -> LocalTexts:
     cfg = dict(cfg_items)
     if data_path:
         # Deployment: the node holds its own data (train/test CSVs) in data_path.
         ds = data_mod.load_local(Path(data_path), cfg["train-file"], cfg["test-file"])
         fit_rows, cal_rows = calibration_split(np.arange(len(ds.train)), cfg["calibration-fraction"], cfg["seed"], partition_id)
-        train, test, num_classes = ds.train, ds.test, ds.num_classes
-        test_rows = np.arange(len(test))
+        test_rows = np.arange(len(ds.test))
     else:
         ds = load_server_dataset(cfg)
         part = _partitions(
             _data_args(cfg), cfg["max-train-items"], cfg["max-test-items"], cfg["seed"], num_partitions,
             cfg["dirichlet-alpha"], cfg["calibration-fraction"], cfg["min-partition-size"],
         )[partition_id]
-        train, test, num_classes = ds.train, ds.test, ds.num_classes
         fit_rows, cal_rows, test_rows = part.fit, part.calibration, part.test
+    return LocalTexts(ds.train.subset(fit_rows), ds.train.subset(cal_rows), ds.test.subset(test_rows), ds.num_classes)
+
+
+@lru_cache(maxsize=1024)
+def _local_data_cached(cfg_items: tuple, partition_id: int, num_partitions: int, data_path: str) -> LocalData:
+    cfg = dict(cfg_items)
+    texts = _local_texts(cfg_items, partition_id, num_partitions, data_path)
     tag = f"client {partition_id}"
     return LocalData(
-        fit=_encode(train.subset(fit_rows), cfg, f"{tag} fit"),
-        calibration=_encode(train.subset(cal_rows), cfg, f"{tag} calibration"),
-        test=_encode(test.subset(test_rows), cfg, f"{tag} test"),
-        num_classes=num_classes,
+        fit=_encode(texts.fit, cfg, f"{tag} fit"),
+        calibration=_encode(texts.calibration, cfg, f"{tag} calibration"),
+        test=_encode(texts.test, cfg, f"{tag} test"),
+        num_classes=texts.num_classes,
     )
 
 
@@ -146,9 +161,18 @@ def _partition(context: Context, cfg: dict[str, Any]) -> tuple[int, int]:
     return int(nc.get("partition-id", 0)), int(nc.get("num-partitions", cfg["num-clients"]))
 
 
-def local_data(context: Context, cfg: dict[str, Any]) -> LocalData:
-    """This node's data, featurized; cached per process (Ray actors serve many nodes)."""
+def local_texts(context: Context, cfg: dict[str, Any]) -> LocalTexts:
+    """This node's splits, not featurized (all that encoder fine-tuning reads)."""
     pid, n = _partition(context, cfg)
+    return _local_texts(tuple(sorted(cfg.items())), pid, n, str(context.node_config.get("data-path", "")))
+
+
+def local_data(context: Context, cfg: dict[str, Any]) -> LocalData:
+    """This node's data, featurized by its encoder (the fine-tuned one once installed); cached
+    per process (Ray actors serve many nodes)."""
+    pid, n = _partition(context, cfg)
+    if "encoder" in context.state:
+        cfg = {**cfg, "slm-model": str(context.state["encoder"]["path"])}
     return _local_data_cached(tuple(sorted(cfg.items())), pid, n, str(context.node_config.get("data-path", "")))
 
 
@@ -161,13 +185,6 @@ def cluster_id(context: Context, cfg: dict[str, Any]) -> int:
 
 
 # ---- node-local state ---------------------------------------------------------------------------
-
-
-def _head(context: Context, data: LocalData, cfg: dict[str, Any]) -> SoftmaxHead:
-    head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes)
-    if "head" in context.state:
-        head.set_params(record_arrays(context.state["head"]))
-    return head
 
 
 def _tau(context: Context) -> float | None:
@@ -214,34 +231,27 @@ def _peer_tiers(context: Context, cfg: dict[str, Any], x: np.ndarray, drafts: np
 
 def routing_inputs(head: SoftmaxHead, uncertainty: str, x: HeadInputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What routing needs for items with head inputs ``x``: distribution, uncertainty, draft."""
-    probs = head.predict_proba(x)
+    return routing_of(head.predict_proba(x), uncertainty)
+
+
+def routing_of(probs: np.ndarray, uncertainty: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return probs, get_measure(uncertainty)(probs), probs.argmax(axis=1)
 
 
-def _set_head(context: Context, arrays: ArrayRecord) -> None:
-    """Keep the final head and its digest (hashed once: with n-gram weights a head is megabytes)."""
-    context.state["head"] = arrays
-    digest = hashlib.blake2b(b"".join(a.data for a in arrays.values()), digest_size=16).digest()
-    context.state["head-digest"] = ConfigRecord({"digest": digest})
+SPLITS = ("fit", "calibration", "test")
 
 
-def _head_digest(context: Context) -> bytes:
-    """A hash of this node's head weights (empty before it has one)."""
-    if "head-digest" not in context.state:
-        return b""
-    return bytes(context.state["head-digest"]["digest"])
+def _keep_head_outputs(context: Context, cfg: dict[str, Any], data: LocalData, arrays: ArrayRecord) -> None:
+    """The head is fixed once trained: keep its class probabilities for every local item rather
+    than its weights. Routing needs only those, and a head with n-gram weights is megabytes that
+    Flower's simulation would move with the node's state on every message."""
+    head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes).set_params(record_arrays(arrays))
+    context.state["head-outputs"] = ArrayRecord({s: to_array(head.predict_proba(getattr(data, s).inputs)) for s in SPLITS})
 
 
-def _routing_inputs(context: Context, cfg: dict[str, Any], split: LocalSplit, data: LocalData):
-    """``routing_inputs`` of a split under this node's head, computed once per head."""
-    key = (_head_digest(context), cfg["uncertainty"])
-    if key not in split.routing:
-        split.routing.clear()  # one head at a time keeps memory bounded
-        arrays = routing_inputs(_head(context, data, cfg), cfg["uncertainty"], split.inputs)
-        for a in arrays:
-            a.setflags(write=False)  # shared by later messages: callers copy before changing
-        split.routing[key] = arrays
-    return split.routing[key]
+def _routing_inputs(context: Context, cfg: dict[str, Any], split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``routing_of`` the final head's probabilities for one split (``SPLITS``)."""
+    return routing_of(to_numpy(context.state["head-outputs"][split]), cfg["uncertainty"])
 
 
 def _threshold_config(cfg: dict[str, Any]) -> ThresholdConfig:
@@ -253,23 +263,53 @@ def _threshold_config(cfg: dict[str, Any]) -> ThresholdConfig:
 # ---- handlers -----------------------------------------------------------------------------------
 
 
+def _info(context: Context, cfg: dict[str, Any], data: LocalTexts | LocalData) -> ConfigRecord:
+    """What the server needs to know of a client: cluster, partition, sizes, classes, embedding width."""
+    info = {
+        "cluster-id": cluster_id(context, cfg),
+        "partition-id": _partition(context, cfg)[0],
+        "n-fit": len(data.fit),
+        "n-calibration": len(data.calibration),
+        "n-test": len(data.test),
+        "num-classes": data.num_classes,
+    }
+    if isinstance(data, LocalData):
+        info["dim"] = int(data.fit.x.shape[1])
+    return ConfigRecord(info)
+
+
 @app.query("setup")
 def setup(msg: Message, context: Context) -> Message:
-    """Load and featurize the local data; report cluster and sizes."""
+    """Load and featurize the local data (only load it when the encoder will be fine-tuned
+    first); report cluster and sizes."""
     cfg = run_config(context)
-    data = local_data(context, cfg)
-    info = ConfigRecord(
-        {
-            "cluster-id": cluster_id(context, cfg),
-            "partition-id": _partition(context, cfg)[0],
-            "n-fit": len(data.fit),
-            "n-calibration": len(data.calibration),
-            "n-test": len(data.test),
-            "num-classes": data.num_classes,
-            "dim": int(data.fit.x.shape[1]),
-        }
-    )
-    return Message(RecordDict({"info": info}), reply_to=msg)
+    data = local_texts(context, cfg) if cfg["encoder-rounds"] else local_data(context, cfg)
+    return Message(RecordDict({"info": _info(context, cfg, data)}), reply_to=msg)
+
+
+@app.train("encoder")
+def train_encoder(msg: Message, context: Context) -> Message:
+    """Fine-tune the encoder's top layers on the local fit split, from the global weights."""
+    cfg = run_config(context)
+    texts = local_texts(context, cfg)
+    tuner = get_tuner(cfg["slm-model"], cfg["encoder-layers"], texts.num_classes).set_arrays(record_arrays(msg.content["arrays"]))
+    server_round = int(msg.content["config"]["server-round"])
+    rng = np.random.default_rng([cfg["seed"], _partition(context, cfg)[0], server_round])
+    tuning = TuningConfig(cfg["encoder-steps"], cfg["encoder-batch-size"], cfg["encoder-lr"], cfg["max-length"])
+    loss = tuner.train(texts.fit.texts, texts.fit.labels, tuning, rng)
+    metrics = MetricRecord({"num-examples": len(texts.fit), "train-loss": loss})
+    return Message(RecordDict({"arrays": arrays_record(tuner.get_arrays()), "metrics": metrics}), reply_to=msg)
+
+
+@app.query("encoder")
+def install_encoder(msg: Message, context: Context) -> Message:
+    """Install the fine-tuned encoder and featurize the local data with it."""
+    cfg = run_config(context)
+    arrays = record_arrays(msg.content["arrays"])
+    tuner = get_tuner(cfg["slm-model"], cfg["encoder-layers"], local_texts(context, cfg).num_classes).set_arrays(arrays)
+    folder = tuner.install(resolve_cache_dir(cfg["cache-dir"]))
+    context.state["encoder"] = ConfigRecord({"path": str(folder)})
+    return Message(RecordDict({"info": _info(context, cfg, local_data(context, cfg))}), reply_to=msg)
 
 
 @app.train("head")
@@ -301,7 +341,7 @@ def escalate(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
     data = local_data(context, cfg)
     if "arrays" in msg.content:  # the final head, sent once before threshold learning
-        _set_head(context, msg.content["arrays"])
+        _keep_head_outputs(context, cfg, data, msg.content["arrays"])
     if "restore" in msg.content:  # a resumed run: the LLM feedback and the threshold this client held
         _restore(context, msg.content["restore"])
     if "prototypes" in msg.content:  # the cluster's refreshed P2P prototypes (the token cache)
@@ -309,7 +349,7 @@ def escalate(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     split_name = str(conf["split"])
     split = data.calibration if split_name == "calibration" else data.test
-    probs, h, drafts = _routing_inputs(context, cfg, split, data)
+    probs, h, drafts = _routing_inputs(context, cfg, split_name)
     if split_name == "calibration":
         tau = _starting_tau(context, float(conf["tau-reference"]), cfg["personalization-alpha"])
         _set_tau(context, tau)
@@ -338,7 +378,7 @@ def train_threshold(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
     data = local_data(context, cfg)
     ids, verdict = unpack_feedback(msg.content["feedback"])
-    _, h, drafts = _routing_inputs(context, cfg, data.calibration, data)
+    _, h, drafts = _routing_inputs(context, cfg, "calibration")
     tau = _tau(context)
     metrics: dict[str, float] = {"num-examples": len(data.calibration), "p2p-attempts": 0, "p2p-hits": 0, "p2p-false-hits": 0}
     known_ids, known_beta, known_final = _known_feedback(context)
@@ -389,7 +429,7 @@ def _resolved_class_sums(
 
     Sums and counts leave the node, never the embeddings themselves.
     """
-    _, h_fit, drafts_fit = _routing_inputs(context, cfg, data.fit, data)
+    _, h_fit, drafts_fit = _routing_inputs(context, cfg, "fit")
     labels = drafts_cal.copy()
     labels[verified_ids] = verified_final
     resolved = h_cal <= tau
@@ -405,7 +445,7 @@ def evaluate_hlm(msg: Message, context: Context) -> Message:
     """Score the HLM answers: the SLM draft where local, the LLM's answer where escalated."""
     cfg = run_config(context)
     data = local_data(context, cfg)
-    _, _, drafts = _routing_inputs(context, cfg, data.test, data)
+    _, _, drafts = _routing_inputs(context, cfg, "test")
     ids, verdict = unpack_feedback(msg.content["feedback"])
     tiers = to_numpy(context.state["routing"]["tiers"])
     final = drafts.copy()  # local and peer answers keep the draft (peers confirm it)

@@ -15,7 +15,7 @@ from typing import Any
 
 STRATEGIES = ("hierarchical-fedavg", "fedavg", "hierarchical-median", "hierarchical-trimmed-mean", "hierarchical-fedadam")
 ORACLES = ("labels", "classifier", "causal-lm", "openai", "remote")
-UNCERTAINTIES = ("entropy", "least-confidence", "margin")
+UNCERTAINTIES = ("entropy", "least-confidence", "margin", "temperature-perturbation")
 DATA_SOURCES = ("auto", "hub", "local")
 PRECISIONS = ("auto", "fp32", "bf16")
 NEIGHBOUR_SCOPES = ("none", "all", "nearest")
@@ -79,6 +79,11 @@ SCHEMA: dict[str, Key] = {
     "precision": _one_of(PRECISIONS),
     "batch-tokens": Key(int, _positive, "an integer >= 1"),
     "cache-dir": Key(str, lambda v: True, "a folder (empty: $FEDHLM_CACHE_DIR or ~/.cache/fedhlm)"),
+    "encoder-rounds": Key(int, _non_negative, "an integer >= 0 (0: the encoder stays frozen)"),
+    "encoder-layers": Key(int, _positive, "an integer >= 1 (top layers fine-tuned)"),
+    "encoder-steps": Key(int, _positive, "an integer >= 1 (local batches per round)"),
+    "encoder-batch-size": Key(int, _positive, "an integer >= 1"),
+    "encoder-lr": Key(float, _positive, "a number > 0"),
     "head-rounds": Key(int, _non_negative, "an integer >= 0"),
     "head-hidden": Key(int, _non_negative, "an integer >= 0 (0: linear head; else ReLU units of one hidden layer)"),
     "ngram-buckets": Key(int, lambda v: v == 0 or 2**10 <= v <= 2**24,

@@ -51,6 +51,18 @@ def uhlm_threshold(uncertainty: np.ndarray, beta: np.ndarray) -> tuple[float, fl
     return float(np.clip(tau, 0.0, 1.0)), float(a), float(b)
 
 
+def auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative), ties counting half
+    (the Mann-Whitney rank formula): how well ``score`` detects the ``positive`` items."""
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score))
+    _, first, counts = np.unique(np.asarray(score)[order], return_index=True, return_counts=True)
+    for start, count in zip(first, counts):
+        ranks[order[start:start + count]] = start + (count + 1) / 2.0  # tied scores share their mean rank
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / max(n_pos * n_neg, 1))
+
+
 def _with_endpoints(curve: np.ndarray, slm_acc: float, cloud_acc: float) -> np.ndarray:
     pts = np.vstack([[0.0, slm_acc], np.asarray(curve, float).reshape(-1, 2), [1.0, cloud_acc]])
     pts = pts[np.argsort(pts[:, 0], kind="stable")]

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedhlm_app import evaluation as ev
+from fedhlm_app import frontier
 from fedhlm_app.config import validate
 from fedhlm_app.launch import ROOT, merged_config, with_default_paths
 
@@ -60,26 +61,38 @@ def _run(base: dict[str, Any], name: str, overrides: dict[str, Any], seed: int, 
 
 
 def item_outcomes(cfg: dict[str, Any], run_dir: Path) -> dict[str, np.ndarray]:
-    """Per-item uncertainty and correctness on every client's test items (and calibration beta)."""
+    """Per-item SLM distribution, uncertainty and correctness on every client's test items, and
+    the calibration items' distribution, label, uncertainty and LLM feedback beta."""
     from fedhlm_app.client import _local_data_cached, load_server_dataset, routing_inputs
     from fedhlm_app.head import head_from_config
     from fedhlm_app.oracle import make_oracle, verify_safely
     from fedhlm_app.speculative import rejection_probability
 
     model = np.load(run_dir / "model.npz")
-    oracle = make_oracle(cfg, load_server_dataset(cfg))
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("u", "slm", "llm", "client", "u_cal", "beta_cal")}
+    dataset = load_server_dataset(cfg)
+    oracle = make_oracle(cfg, dataset)
+    encoder = [model[f"encoder_{i}"] for i in range(sum(k.startswith("encoder_") for k in model.files))]
+    if encoder:  # the run fine-tuned the encoder: featurize with it (the clients' checkpoint, same digest)
+        from fedhlm_app.features import resolve_cache_dir
+        from fedhlm_app.finetune import EncoderTuner
+
+        tuner = EncoderTuner(cfg["slm-model"], cfg["encoder-layers"], dataset.num_classes).set_arrays(encoder)
+        cfg = {**cfg, "slm-model": str(tuner.install(resolve_cache_dir(cfg["cache-dir"])))}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("p", "u", "slm", "llm", "client", "p_cal", "y_cal", "u_cal", "beta_cal")}
     for pid in range(cfg["num-clients"]):
         data = _local_data_cached(tuple(sorted(cfg.items())), pid, cfg["num-clients"], "")
         params = [model[f"head_{i}"] for i in range(sum(k.startswith("head_") for k in model.files))]
         head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes).set_params(params)
         p, u, draft = routing_inputs(head, cfg["uncertainty"], data.test.inputs)
         verification = verify_safely(oracle, _batch(data.test.texts, p, draft))
+        out["p"].append(p)
         out["u"].append(u)
         out["slm"].append(draft == data.test.y)
         out["llm"].append(verification.final_classes(draft) == data.test.y)
         out["client"].append(np.full(len(draft), pid))
         pc, u_cal, draft_cal = routing_inputs(head, cfg["uncertainty"], data.calibration.inputs)
+        out["p_cal"].append(pc)
+        out["y_cal"].append(data.calibration.y)
         out["u_cal"].append(u_cal)
         out["beta_cal"].append(rejection_probability(pc, oracle.distribution(data.calibration.texts), draft_cal))
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -178,7 +191,13 @@ def combine(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             name: {m: _stats([s[key][name][m] for s in per_seed]) for m in per_seed[0][key][name] if isinstance(per_seed[0][key][name][m], (int, float))}
             for name in names
         }
-    return {"rows": table("rows"), "curve_metrics": table("curve_metrics"), "alphas": table("alphas")}
+    combined = {"rows": table("rows"), "curve_metrics": table("curve_metrics"), "alphas": table("alphas"), "frontier": table("frontier")}
+    for name in combined["frontier"]:  # the per-measure numbers, one level down
+        combined["frontier"][name]["measures"] = {
+            measure: {m: _stats([s["frontier"][name]["measures"][measure][m] for s in per_seed]) for m in numbers}
+            for measure, numbers in per_seed[0]["frontier"][name]["measures"].items()
+        }
+    return combined
 
 
 def _fmt(stat: dict[str, float], pct: bool = True) -> str:
@@ -236,6 +255,31 @@ def plot(per_seed: list[dict[str, Any]], out: Path) -> None:
     ax.set_title("Non-IID stress test"), fig.tight_layout(), fig.savefig(out / "non_iid.png", dpi=120), plt.close(fig)
 
 
+def frontier_section(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """The report's frontier tables: one row per lever, then every uncertainty measure per lever."""
+    pct = lambda stat: f"{100 * stat['mean']:.2f}"  # noqa: E731
+    lines = ["## Frontier of SLM levers", "",
+             "Each lever is a federated run per seed (same partitions, labels oracle). From its learned head, the "
+             "r most uncertain test items go to the LLM: accuracy at r, and in brackets the oracle router's at the "
+             "same r (it escalates exactly the SLM's mistakes). AUROC: the run's uncertainty as a detector of SLM "
+             "errors. Learned point: the run's own thresholds (with P2P). Wall: one run, in seconds.", "",
+             "| lever | SLM only | AUROC | at 1% | at 2% | at 5% | at 10% | learned point: accuracy / LLM rate | wall |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        at = [f"{_fmt(row[f'acc@{r:.0%}'])} ({pct(row[f'oracle@{r:.0%}'])})" for r in frontier.RATES]
+        lines.append(f"| {frontier.LEVERS[name].description} | {_fmt(row['slm_accuracy'])} | {_fmt(row['auroc'], False)} | "
+                     + " | ".join(at) + f" | {pct(row['accuracy'])} / {pct(row['llm_rate'])} | {row['wall_s']['mean']:.0f} |")
+    measures = list(next(iter(rows.values()))["measures"])
+    lines += ["", "Every uncertainty measure on the same learned heads: AUROC / accuracy with 5% of the items escalated. "
+              "Temperature scaling fits one temperature to the calibration items' log loss (a sum over clients, so a "
+              "federated fit gives the same value); U-HLM's temperature perturbation is its expected disagreement.", "",
+              "| lever | " + " | ".join(measures) + " |", "|---" * (len(measures) + 1) + "|"]
+    for name, row in rows.items():
+        cells = [f"{row['measures'][m]['auroc']['mean']:.3f} / {pct(row['measures'][m]['acc@5%'])}" for m in measures]
+        lines.append(f"| {frontier.LEVERS[name].description} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_report(per_seed: list[dict[str, Any]], combined: dict[str, Any], out: Path, args: argparse.Namespace, wall_s: float, runs_cfg: dict[str, dict[str, Any]]) -> None:
     seeds = " ".join(str(s["seed"]) for s in per_seed)
     cmd = f"python -m fedhlm_app.experiments --seeds {seeds}" + (" --quick" if args.quick else "")
@@ -289,20 +333,51 @@ def write_report(per_seed: list[dict[str, Any]], combined: dict[str, Any], out: 
     lines += [f"Without P2P the LLM rate is {_fmt(without['llm_rate'])}% against {_fmt(with_p2p['llm_rate'])}% with it, at accuracy "
               f"{_fmt(without['accuracy'])}% against {_fmt(with_p2p['accuracy'])}%. The learned threshold does not compensate: "
               "threshold learning always uses the LLM's verdicts (P2P is applied after the threshold, at inference), so both "
-              f"variants share the same threshold ({_fmt(with_p2p['final_tau'], False)}).", "",
-              "## Reproduce", "", f"All runs: `{cmd}`. Each federated run is the app with these run-config overrides "
+              f"variants share the same threshold ({_fmt(with_p2p['final_tau'], False)}).", ""]
+    lines += frontier_section(combined["frontier"])
+    lines += ["## Reproduce", "", f"All runs: `{cmd}`. Each federated run is the app with these run-config overrides "
               "(`make run ARGS=\"...\"` runs the same configuration as a `flwr run` simulation; add `seed=N`):", ""]
-    for name, overrides in runs_cfg.items():
+    for name, overrides in {**runs_cfg, **{f"lever-{k}": frontier.LEVERS[k].overrides for k in combined["frontier"] if k != "default"}}.items():
         ov = " ".join(f"{k}={v!r}" for k, v in overrides.items()) or "(defaults, conf/paper.toml)"
         lines.append(f"- {name}: `{ov}`")
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def chosen_levers(args: argparse.Namespace) -> list[str]:
+    """The frontier levers to run, checked before any run starts."""
+    if not args.levers:
+        return list(frontier.QUICK_LEVERS if args.quick else frontier.MINILM_LEVERS)
+    if args.levers == ["all"]:
+        return list(frontier.LEVERS)
+    unknown = [name for name in args.levers if name not in frontier.LEVERS]
+    if unknown:
+        raise SystemExit(f"--levers: unknown {unknown} (known: {', '.join(frontier.LEVERS)} or 'all')")
+    return ["default"] + [name for name in args.levers if name != "default"]
+
+
+def measure_lever(base: dict[str, Any], name: str, seed: int, out: Path, runs: dict[str, dict[str, Any]],
+                  main_items: dict[str, np.ndarray]) -> dict[str, Any]:
+    """One lever's frontier row for one seed; the default lever is the main (hierarchical) run."""
+    overrides = frontier.LEVERS[name].overrides
+    if overrides:
+        results = _run(base, f"lever-{name}", overrides, seed, out)
+        items = item_outcomes(validate({**base, **overrides, "seed": seed}), out / "runs" / results["config"]["run-name"])
+    else:
+        results, items = runs["hierarchical"], main_items
+    row = frontier.frontier_row(items, results["config"]["uncertainty"])
+    row.update({"accuracy": results["accuracy"], "llm_rate": results["llm_rate"], "wall_s": results["harness_wall_s"]})
+    print(f"seed {seed} lever {name}: SLM {row['slm_accuracy']:.4f}, at 5% {row['acc@5%']:.4f} "
+          f"(oracle {row['oracle@5%']:.4f}), AUROC {row['auroc']:.3f} ({row['wall_s']:.0f} s)", flush=True)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--out", default=str(ROOT / "results" / "experiments"))
-    parser.add_argument("--quick", action="store_true", help="fewer alphas and lambdas (for tests)")
+    parser.add_argument("--quick", action="store_true", help="fewer alphas, lambdas and levers (for tests)")
+    parser.add_argument("--levers", nargs="+", metavar="LEVER", help="frontier levers to run: names of "
+                        f"fedhlm_app.frontier.LEVERS or 'all' (default: {' '.join(frontier.MINILM_LEVERS)})")
     parser.add_argument("-c", "--run-config", action="append", default=[], help="overrides for every run, e.g. \"max-test-items=500\"")
     args = parser.parse_args(argv)
     from flwr.common.logger import FLOWER_LOGGER
@@ -311,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = validate(with_default_paths(merged_config([str(ROOT / "conf" / "paper.toml")], args.run_config)))
+    levers = chosen_levers(args)
     started = time.monotonic()
     runs_cfg = variants(args.quick)
     per_seed = []
@@ -325,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         cloud = runs["hierarchical"]["baselines"]["cloud_only"]
         bytes_per_item = runs["hierarchical"]["communication"]["inference_llm_bytes"]["cloud_only"] / max(cloud["llm_items"], 1)
         seed_result = analyse_seed(runs, items, bytes_per_item)
+        seed_result["frontier"] = {name: measure_lever(base, name, seed, out, runs, items) for name in levers}
         seed_result.update({"seed": seed, "runs": list(runs), "bytes_per_item": bytes_per_item, "num_items": len(items["u"])})
         per_seed.append(seed_result)
     combined = combine(per_seed)

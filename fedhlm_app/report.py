@@ -259,6 +259,8 @@ def write_report(
     peers: PeerCoordinator | None = None,
     head_params: list[np.ndarray] | None = None,
     started_epoch: float | None = None,
+    encoder_rounds: list[dict[str, Any]] | None = None,
+    encoder_params: list[np.ndarray] | None = None,
 ) -> Path:
     """Write results.json, thresholds.png and summary.md; point ``latest`` at them."""
     run_name = cfg["run-name"] or time.strftime("%Y%m%d-%H%M%S")
@@ -315,6 +317,7 @@ def write_report(
         },
         "p2p": _p2p_block(cfg, evaluation, info, policies, llm_bytes, peers, ours_p2p),
         "head_rounds": head_rounds,
+        "encoder_rounds": encoder_rounds or [],
         "training": {
             "llm_items": training_escalations,
             "calibration_items": int(sum(i["n-calibration"] for i in info.values())),
@@ -323,7 +326,7 @@ def write_report(
         "clusters": clusters,
         "communication": {
             "by_phase_and_link": ledger.to_dict(),
-            "training_bytes": ledger.total("setup") + ledger.total("head") + ledger.total("threshold"),
+            "training_bytes": sum(ledger.total(phase) for phase in ("setup", "encoder", "head", "threshold")),
             "training_llm_bytes": ledger.total("threshold", "client->llm") + ledger.total("threshold", "llm->client"),
             "inference_llm_bytes": {name: llm_bytes[name] for name in policies},
             "p2p_bytes": ledger.total("p2p"),
@@ -340,9 +343,11 @@ def write_report(
     }
     _write_json(out / "results.json", results)
     if head_params is not None:
-        # The learned model: the global head and each client's threshold (for later analysis).
+        # The learned model: the global head, the fine-tuned encoder layers (if any) and each
+        # client's threshold (for later analysis).
         _write_atomically(out / "model.npz", lambda tmp: np.savez(
             tmp, **{f"head_{i}": p for i, p in enumerate(head_params)},
+            **{f"encoder_{i}": p for i, p in enumerate(encoder_params or [])},
             partition_ids=np.array([c["partition_id"] for c in clients]), taus=np.array([c["tau"] for c in clients]),
             clusters=np.array([c["cluster"] for c in clients]),
         ))

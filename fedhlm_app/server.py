@@ -29,6 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedhlm_app import checkpoint
 from fedhlm_app.client import load_server_dataset
 from fedhlm_app.config import validate
+from fedhlm_app.finetune import EncoderTuner
 from fedhlm_app.head import head_from_config
 from fedhlm_app.ledger import Ledger
 from fedhlm_app.oracle import EscalationBatch, Oracle, make_oracle, verify_safely
@@ -258,7 +259,7 @@ class Run:
         """Until a node has answered once after head training: the final head, and what a resumed client held."""
         if node not in self.needs_state:
             return
-        content["arrays"] = arrays_record(self.progress.head)
+        content["arrays"] = arrays_record(self.progress.head.params)
         held = self.progress.clients.get(self.partition_of[node])
         if held:
             content["restore"] = ArrayRecord({k: to_array(v) for k, v in held.items()})
@@ -304,33 +305,52 @@ def is_cloud_round(rnd: int, last: int, every: int) -> bool:
     return rnd % every == 0 or rnd == last
 
 
-def head_phase(run: Run, dim: int, num_classes: int) -> None:
-    """Phase 2: federated training of the SLM head, aggregated edge then cloud (``progress.head``)."""
-    p = run.progress
-    if p.head is None:
-        p.head = head_from_config(run.cfg, dim, num_classes, seed=run.cfg["seed"]).get_params()
-    spec = UpdateSpec.like("head", p.head)
-    for rnd in range(p.head_done + 1, run.cfg["head-rounds"] + 1):
+def train_rounds(run: Run, name: str, rounds: int, model: TrainedModel) -> None:
+    """Federated training of ``model`` by the clients' ``train.<name>`` handler for ``rounds``
+    rounds, aggregated edge then cloud; checkpointed after every round."""
+    spec = UpdateSpec.like(name, model.params)
+    for rnd in range(model.done + 1, rounds + 1):
         round_started = time.monotonic()
         conf = ConfigRecord({"server-round": rnd})
-        arrays = arrays_record(p.head)
+        arrays = arrays_record(model.params)
         # after an edge round each cluster continues from its own model
-        content = {c: RecordDict({"arrays": arrays_record(p.edge_heads[c]) if c in p.edge_heads else arrays, "config": conf})
+        content = {c: RecordDict({"arrays": arrays_record(model.edge_params[c]) if c in model.edge_params else arrays, "config": conf})
                    for c in set(run.cluster_of.values())}
-        replies = run.exchange("head", "train.head", {n: content[c] for n, c in run.cluster_of.items()}, rnd)
-        cloud = is_cloud_round(rnd, run.cfg["head-rounds"], run.cfg["cloud-every"])
+        replies = run.exchange(name, f"train.{name}", {n: content[c] for n, c in run.cluster_of.items()}, rnd)
+        cloud = is_cloud_round(rnd, rounds, run.cfg["cloud-every"])
         new_arrays, metrics = run.strategy.aggregate_train(rnd, replies.values(), cloud=cloud, spec=spec)
         if metrics is not None:
             if new_arrays is not None:
-                p.head, p.edge_heads = record_arrays(new_arrays), {}
-                _record_aggregation_traffic(run.ledger, "head", run.strategy, new_arrays)
+                model.params, model.edge_params = record_arrays(new_arrays), {}
+                _record_aggregation_traffic(run.ledger, name, run.strategy, new_arrays)
             else:  # a cluster without valid updates this round keeps its model
-                p.edge_heads.update(run.strategy.last.cluster_params)
-            p.head_rounds.append({"round": rnd, **{k: float(v) for k, v in metrics.items()}, "cloud": new_arrays is not None,
+                model.edge_params.update(run.strategy.last.cluster_params)
+            model.history.append({"round": rnd, **{k: float(v) for k, v in metrics.items()}, "cloud": new_arrays is not None,
                                   "seconds": time.monotonic() - round_started})
-            log(INFO, "head round %d: train loss %.4f, train accuracy %.4f", rnd, metrics["train-loss"], metrics["train-accuracy"])
-        p.head_done = rnd
+            log(INFO, "%s round %d: %s", name, rnd, ", ".join(f"{k} {float(v):.4f}" for k, v in metrics.items() if k != "num-examples"))
+        model.done = rnd
         run.save()
+
+
+def encoder_phase(run: Run, num_classes: int) -> dict[int, dict[str, Any]]:
+    """Phase 2a (``encoder-rounds`` > 0): federated fine-tuning of the encoder's top layers, then
+    every client installs the result and featurizes its data with it. Returns the clients'
+    new info (the embedding width may change only with the model, but it is re-read)."""
+    p, cfg = run.progress, run.cfg
+    if p.encoder.params is None:
+        # a fresh tuner, not the per-process cached one: in-process clients may have trained that one
+        p.encoder.params = EncoderTuner(cfg["slm-model"], cfg["encoder-layers"], num_classes).get_arrays()
+    train_rounds(run, "encoder", cfg["encoder-rounds"], p.encoder)
+    install = RecordDict({"arrays": arrays_record(p.encoder.params)})
+    replies = run.exchange("encoder", "query.encoder", {n: install for n in run.cluster_of})
+    return {n: dict(r.content["info"]) for n, r in replies.items()}
+
+
+def head_phase(run: Run, dim: int, num_classes: int) -> None:
+    """Phase 2b: federated training of the SLM head, aggregated edge then cloud (``progress.head``)."""
+    if run.progress.head.params is None:
+        run.progress.head.params = head_from_config(run.cfg, dim, num_classes, seed=run.cfg["seed"]).get_params()
+    train_rounds(run, "head", run.cfg["head-rounds"], run.progress.head)
 
 
 def threshold_phase(run: Run) -> None:
@@ -453,7 +473,8 @@ def main(grid: Grid, context: Context) -> None:
     checkpoint_path = resolve_results_dir(cfg["results-dir"]) / cfg["run-name"] / checkpoint.CHECKPOINT_FILE
     progress = checkpoint.load(checkpoint_path, cfg) if cfg["resume"] else None
     if cfg["resume"]:
-        log(INFO, "resume: %s", f"from head round {progress.head_done}, threshold round {progress.threshold_done}"
+        log(INFO, "resume: %s", f"from encoder round {progress.encoder.done}, head round {progress.head.done}, "
+            f"threshold round {progress.threshold_done}"
             if progress else f"no checkpoint at {checkpoint_path}, starting from the beginning")
     dataset = load_server_dataset(cfg)  # fails fast on missing/malformed data
     oracle = make_oracle(cfg, dataset)  # loads its model (or checks its server) before clients featurize
@@ -474,8 +495,13 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "setup: %d clients in clusters %s", len(info), sorted(set(cluster_of.values())))
     timings["setup"] = time.monotonic() - t0
 
-    t0 = time.monotonic()
     any_info = next(iter(info.values()))
+    if cfg["encoder-rounds"]:
+        t0 = time.monotonic()
+        any_info = next(iter(encoder_phase(run, int(any_info["num-classes"])).values()), any_info)
+        timings["encoder"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
     head_phase(run, int(any_info["dim"]), int(any_info["num-classes"]))
     timings["head"] = time.monotonic() - t0
 
@@ -494,7 +520,8 @@ def main(grid: Grid, context: Context) -> None:
         info=info,
         evaluation=evaluation,
         rounds=run.progress.rounds,
-        head_rounds=run.progress.head_rounds,
+        head_rounds=run.progress.head.history,
+        encoder_rounds=run.progress.encoder.history,
         ledger=run.ledger,
         training_escalations=run.progress.training_escalations,
         failures=exchange.failures,
@@ -502,7 +529,8 @@ def main(grid: Grid, context: Context) -> None:
         rejected=run.strategy.rejected,
         oracle_failures=run.oracle_failures,
         peers=run.peers,
-        head_params=run.progress.head,
+        head_params=run.progress.head.params,
+        encoder_params=run.progress.encoder.params,
         timings={**timings, "total": time.monotonic() - started},
         started_epoch=started_epoch,
     )

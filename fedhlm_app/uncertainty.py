@@ -37,10 +37,33 @@ def margin(p: np.ndarray) -> np.ndarray:
     return np.clip(1.0 - (top2[:, 1] - top2[:, 0]), 0.0, 1.0)
 
 
+PERTURBATION_TEMPERATURES = np.linspace(0.0, 2.0, 21)[1:]  # theta in (0, 2], as U-HLM's re-implementations
+
+
+def with_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): the distribution the SLM's logits give at temperature T."""
+    logp = np.log(np.maximum(np.asarray(p, dtype=np.float64), 1e-300)) / temperature
+    e = np.exp(logp - logp.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def temperature_perturbation(p: np.ndarray) -> np.ndarray:
+    """U-HLM's uncertainty: the share of tokens sampled at perturbed temperatures theta_k that
+    differ from the draft, here in expectation (no sampling noise): mean_k 1 - p_theta_k(draft),
+    rescaled by C/(C-1) so the uniform distribution scores 1."""
+    p = np.asarray(p, dtype=np.float64)
+    c = p.shape[1]
+    draft = p.argmax(axis=1)
+    rows = np.arange(len(p))
+    disagreement = np.mean([1.0 - with_temperature(p, t)[rows, draft] for t in PERTURBATION_TEMPERATURES], axis=0)
+    return np.clip(disagreement * c / max(c - 1, 1), 0.0, 1.0)
+
+
 MEASURES: dict[str, Measure] = {
     "entropy": normalized_entropy,
     "least-confidence": least_confidence,
     "margin": margin,
+    "temperature-perturbation": temperature_perturbation,
 }
 
 

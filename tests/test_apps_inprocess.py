@@ -77,10 +77,11 @@ def test_phases_and_ledger(four_clients_two_clusters):
     assert fedhlm_items == round(results["llm_rate"] * results["num_test_items"])
 
 
-def test_client_state_keeps_threshold_feedback_and_head(four_clients_two_clusters):
+def test_client_state_keeps_threshold_feedback_and_head_outputs(four_clients_two_clusters):
     _, (grid, results) = four_clients_two_clusters
     state = grid.state(1000)
-    assert {"head", "threshold", "feedback"} <= set(state.keys())
+    assert {"head-outputs", "threshold", "feedback"} <= set(state.keys())
+    assert state["head-outputs"]["test"].numpy().shape == (50, 4)  # probabilities, not the head's weights
     ids = state["feedback"]["ids"].numpy()
     assert len(ids) == len(np.unique(ids))  # each item is sent to the LLM at most once in training
 
@@ -203,3 +204,21 @@ def test_k_edge_rounds_per_cloud_round(tmp_path, tiny_bert):
     ledger = results["communication"]["by_phase_and_link"]
     assert ledger["threshold"]["edge->cloud"]["messages"] == 2 * 2  # two clusters, two cloud rounds
     assert ledger["head"]["edge->cloud"]["messages"] == 2 * 2
+
+
+def test_encoder_fine_tuning_rounds_then_the_head_reads_the_tuned_encoder(tmp_path, tiny_bert):
+    nodes = [{"partition-id": i, "num-partitions": 4, "cluster-id": i // 2} for i in range(4)]
+    grid, results = _run(tmp_path, tiny_bert, nodes, **{
+        "encoder-rounds": 2, "encoder-layers": 1, "encoder-steps": 2, "encoder-batch-size": 8,
+        "ngram-buckets": 1024, "threshold-rounds": 2})
+    assert grid.sent.count("train.encoder") == 8 and grid.sent.count("query.encoder") == 4
+    assert [r["round"] for r in results["encoder_rounds"]] == [1, 2]
+    ledger = results["communication"]["by_phase_and_link"]["encoder"]
+    assert ledger["edge->cloud"]["messages"] == 2 * 2  # two clusters, two rounds
+    model = np.load(tmp_path / "results" / "latest" / "model.npz")
+    tuned = [model[k] for k in sorted(model.files) if k.startswith("encoder_")]
+    assert tuned and model["head_2"].shape == (1024, 4)  # the n-gram weights ride along with the head
+    # every node featurized with the same installed checkpoint, named by the tuned weights
+    paths = {str(grid.state(n)["encoder"]["path"]) for n in grid.get_node_ids()}
+    assert len(paths) == 1 and paths.pop().startswith(str(tmp_path / "cache" / "models" / "tuned-"))
+    assert 0.0 <= results["accuracy"] <= 1.0

@@ -26,3 +26,11 @@ def test_tiny_harness_writes_report_plots_and_json(tmp_path, tiny_bert):
     oracle = data["combined"]["rows"]["oracle router @ ours"]["accuracy"]["mean"]
     random_ = data["combined"]["rows"]["random router @ ours"]["accuracy"]["mean"]
     assert oracle >= random_  # the upper bound is never below the random router at the same rate
+    frontier = data["combined"]["frontier"]
+    assert list(frontier) == ["default", "no-ngrams"]  # the quick levers, each a federated run per seed
+    for row in frontier.values():
+        assert row["slm_accuracy"]["n"] == 2
+        for rate in ("1%", "2%", "5%", "10%"):  # never above the oracle router at the same rate
+            assert row[f"acc@{rate}"]["mean"] <= row[f"oracle@{rate}"]["mean"] + 1e-12
+        assert set(row["measures"]) >= {"entropy", "margin", "temperature-perturbation", "margin, temperature-scaled"}
+    assert "| MiniLM, linear head, entropy (the default before n-grams) |" in report and "## Frontier of SLM levers" in report

@@ -66,7 +66,7 @@ def runs(tmp_path_factory, tiny_bert):
 
 def test_the_checkpoint_holds_the_last_completed_round(runs):
     _, saved, _, _ = runs
-    assert saved.head_done == 2 and saved.threshold_done == 2 and len(saved.rounds) == 2
+    assert saved.head.done == 2 and saved.threshold_done == 2 and len(saved.rounds) == 2
     assert set(saved.clients) == set(range(5)) and all("tau" in held and "ids" in held for held in saved.clients.values())
 
 

@@ -28,3 +28,15 @@ def test_every_measure_is_in_unit_interval_and_orders_confidence(name):
 def test_unknown_measure_is_named():
     with pytest.raises(ValueError, match="unknown uncertainty measure 'foo'"):
         get_measure("foo")
+
+
+def test_temperature_perturbation_is_the_expected_disagreement_of_sampled_tokens():
+    # U-HLM samples K tokens at temperatures theta_k and counts those that differ from the draft;
+    # the measure is that count's expectation, so a large Monte Carlo sample must agree with it.
+    from fedhlm_app.uncertainty import PERTURBATION_TEMPERATURES, temperature_perturbation, with_temperature
+
+    p = np.array([[0.6, 0.3, 0.1]])
+    rng = np.random.default_rng(0)
+    differ = [rng.choice(3, size=4000, p=with_temperature(p, t)[0]) != 0 for t in PERTURBATION_TEMPERATURES]
+    assert temperature_perturbation(p)[0] == pytest.approx(np.mean(differ) * 3 / 2, abs=0.01)
+    assert temperature_perturbation(np.full((1, 4), 0.25))[0] == pytest.approx(1.0)

@@ -97,17 +97,21 @@ class EncoderTuner:
             {"params": list(self.classifier.parameters()), "lr": cfg.lr * CLASSIFIER_LR_SCALE},
         ], weight_decay=0.01)
         batches = length_bucketed_batches([len(t) for t in texts], cfg.batch_size, rng)
-        self.model.train()
         losses = []
-        for step in range(cfg.steps):
-            idx = batches[step % len(batches)]
-            logits = self.classifier(self._pooled([texts[i] for i in idx], cfg.max_length))
-            loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels[idx], dtype=torch.long))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        self.model.eval()
+        # Dropout draws from torch's global generator: seed a private copy of it from ``rng``, so
+        # that a seed reproduces a run and the caller's torch state is left as it was.
+        with torch.random.fork_rng():
+            torch.manual_seed(int(rng.integers(2**63 - 1)))
+            self.model.train()
+            for step in range(cfg.steps):
+                idx = batches[step % len(batches)]
+                logits = self.classifier(self._pooled([texts[i] for i in idx], cfg.max_length))
+                loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels[idx], dtype=torch.long))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+            self.model.eval()
         return float(np.mean(losses))
 
     def install(self, cache_root: Path) -> Path:

@@ -36,6 +36,7 @@ from typing import Any
 
 from fedhlm_app.config import ConfigError, validate
 from fedhlm_app.data import DATA_DIR_ENV, DataError, load_local, resolve_data_dir
+from fedhlm_app.features import resolve_model_path
 from fedhlm_app.partition import configured_partitions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +82,19 @@ def check_local_data(cfg: dict[str, Any]) -> None:
             configured_partitions(ds.train.labels, ds.test.labels, cfg["num-clients"], cfg)
         except ValueError as exc:
             raise DataError(str(exc)) from exc
+
+
+def check_model(cfg: dict[str, Any]) -> None:
+    """The SLM exists (and has the layers fine-tuning asks for) before Ray starts."""
+    try:
+        path = Path(resolve_model_path(cfg["slm-model"]))
+    except FileNotFoundError as exc:  # a packaged model whose wheels are missing
+        raise ConfigError(str(exc)) from exc
+    config_file = path / "config.json"
+    if cfg["encoder-rounds"] and config_file.is_file():
+        layers = int(json.loads(config_file.read_text()).get("num_hidden_layers", 0))
+        if cfg["encoder-layers"] > layers:
+            raise ConfigError(f"encoder-layers = {cfg['encoder-layers']}, but '{cfg['slm-model']}' has {layers} layers")
 
 
 APP_FILES = ("pyproject.toml", "server_app.py", "client_app.py", "fedhlm_app/**/*.py")
@@ -218,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = with_default_paths(merged_config(args.presets, args.run_config))
         cfg = {**cfg, **{k: v for k, v in validate(cfg).items() if k in cfg}}
         check_local_data(cfg)
+        check_model(cfg)
     except (ConfigError, DataError) as exc:
         print(f"fedhlm: {exc}", file=sys.stderr)
         return 2

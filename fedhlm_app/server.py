@@ -242,7 +242,7 @@ class Run:
     strategy: HierarchicalStrategy
     peers: PeerCoordinator | None
     partition_of: dict[int, int]  # node -> partition id (how a resumed run finds its clients again)
-    progress: Progress
+    progress: checkpoint.Progress
     checkpoint_path: Path
     prototypes_sent: dict[int, np.ndarray] = field(default_factory=dict)  # node -> what it last received
     oracle_failures: list[dict[str, Any]] = field(default_factory=list)  # one entry per batch with unanswered items
@@ -305,7 +305,7 @@ def is_cloud_round(rnd: int, last: int, every: int) -> bool:
     return rnd % every == 0 or rnd == last
 
 
-def train_rounds(run: Run, name: str, rounds: int, model: TrainedModel) -> None:
+def train_rounds(run: Run, name: str, rounds: int, model: checkpoint.TrainedModel) -> None:
     """Federated training of ``model`` by the clients' ``train.<name>`` handler for ``rounds``
     rounds, aggregated edge then cloud; checkpointed after every round."""
     spec = UpdateSpec.like(name, model.params)

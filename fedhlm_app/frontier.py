@@ -30,8 +30,12 @@ class Lever:
 
 
 NO_NGRAMS = {"ngram-buckets": 0}
+NO_PRIOR = {"local-label-prior": False}
 LEVERS: dict[str, Lever] = {
-    "default": Lever("MiniLM + n-gram bags (2^17), linear head, entropy (the default)", {}),
+    "default": Lever("MiniLM + n-gram bags (2^17), linear head, entropy, local label prior (the default)", {}),
+    "no-label-prior": Lever("the default without the local label prior (every client uses the global head as is)", NO_PRIOR),
+    "pooled-queries": Lever("stress test: the default, but each client's test queries follow the pooled label mix",
+                             {"test-label-mix": "pooled"}),
     "no-ngrams": Lever("MiniLM, linear head, entropy (the default before n-grams)", NO_NGRAMS),
     "no-ngrams-margin": Lever("MiniLM, linear head, margin", {**NO_NGRAMS, "uncertainty": "margin"}),
     "no-ngrams-rounds30-margin": Lever("MiniLM, linear head, 30 head rounds, margin",

@@ -70,6 +70,9 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         return self.pull_messages(self.push_messages(messages))
 
+    def context(self, node_id: int) -> Context:
+        return self._ctx[node_id]
+
     def state(self, node_id: int) -> RecordDict:
         return self._ctx[node_id].state
 

@@ -81,6 +81,15 @@ def split_like(
     return [np.sort(np.array(o, dtype=np.int64)) for o in out]
 
 
+def split_pooled(test_rows: int, train_parts: list[np.ndarray], seed: int) -> list[np.ndarray]:
+    """Split test rows at random, each client's share in proportion to its train partition: every
+    client's queries follow the pooled label mix, whatever its own training labels."""
+    sizes = np.array([len(p) for p in train_parts], dtype=float)
+    rows = np.random.default_rng([seed, 1]).permutation(test_rows)
+    cuts = np.round(np.cumsum(sizes / sizes.sum()) * test_rows).astype(int)[:-1]
+    return [np.sort(chunk) for chunk in np.split(rows, cuts)]
+
+
 def calibration_split(rows: np.ndarray, fraction: float, seed: int, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Split a client's train rows into (fit, calibration) with a seeded shuffle."""
     rng = np.random.default_rng([seed, partition_id])
@@ -97,10 +106,15 @@ def partition_clients(
     seed: int,
     calibration_fraction: float,
     min_partition_size: int,
+    test_label_mix: str = "client",
 ) -> list[ClientIndices]:
-    """All clients' row indices, deterministic given the arguments."""
+    """All clients' row indices, deterministic given the arguments. ``test_label_mix``: "client"
+    gives each client test items in its own label mix, "pooled" in the pooled one."""
     train_parts = dirichlet_train_partition(train_labels, num_clients, alpha, seed, min_partition_size)
-    test_parts = split_like(test_labels, train_parts, train_labels, seed)
+    if test_label_mix == "pooled":
+        test_parts = split_pooled(len(test_labels), train_parts, seed)
+    else:
+        test_parts = split_like(test_labels, train_parts, train_labels, seed)
     clients = []
     for pid, (train_rows, test_rows) in enumerate(zip(train_parts, test_parts)):
         fit, cal = calibration_split(train_rows, calibration_fraction, seed, pid)
@@ -111,7 +125,7 @@ def partition_clients(
 def configured_partitions(train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int, cfg: dict) -> list[ClientIndices]:
     """``partition_clients`` with the run config's skew, seed, calibration share and minimum size."""
     return partition_clients(train_labels, test_labels, num_clients, cfg["dirichlet-alpha"], cfg["seed"],
-                             cfg["calibration-fraction"], cfg["min-partition-size"])
+                             cfg["calibration-fraction"], cfg["min-partition-size"], cfg["test-label-mix"])
 
 
 def cluster_of_partition(partition_id: int, num_partitions: int, num_clusters: int) -> int:

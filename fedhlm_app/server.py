@@ -247,6 +247,7 @@ class Run:
     prototypes_sent: dict[int, np.ndarray] = field(default_factory=dict)  # node -> what it last received
     oracle_failures: list[dict[str, Any]] = field(default_factory=list)  # one entry per batch with unanswered items
     needs_state: set[int] = field(default_factory=set)  # nodes still to receive the head (and a resumed state)
+    pooled_label_counts: np.ndarray | None = None  # every client's label counts added up (local-label-prior)
 
     @property
     def ledger(self) -> Ledger:
@@ -260,6 +261,8 @@ class Run:
         if node not in self.needs_state:
             return
         content["arrays"] = arrays_record(self.progress.head.params)
+        if self.pooled_label_counts is not None:
+            content["label-counts"] = ArrayRecord({"pooled": to_array(self.pooled_label_counts)})
         held = self.progress.clients.get(self.partition_of[node])
         if held:
             content["restore"] = ArrayRecord({k: to_array(v) for k, v in held.items()})
@@ -298,6 +301,12 @@ def setup_phase(exchange: Exchange, grid: Grid, cfg: dict[str, Any]) -> dict[int
     if not info:
         raise RuntimeError("no client completed setup with data; see the client errors above")
     return info
+
+
+def pooled_label_counts(info: dict[int, dict[str, Any]]) -> np.ndarray | None:
+    """The label counts the clients reported at setup, added up (None when they report none)."""
+    counts = [np.asarray(row["label-counts"], dtype=np.float64) for row in info.values() if "label-counts" in row]
+    return np.sum(counts, axis=0) if counts else None
 
 
 def is_cloud_round(rnd: int, last: int, every: int) -> bool:
@@ -489,7 +498,7 @@ def main(grid: Grid, context: Context) -> None:
     peers = PeerCoordinator(cfg["p2p-neighbours"], cfg["p2p-neighbour-k"], cfg["p2p-cost"], cfg["llm-cost"]) if cfg["p2p"] else None
     run = Run(cfg, exchange, oracle, cluster_of, make_strategy(cfg, cluster_of), peers,
               partition_of={n: int(i["partition-id"]) for n, i in info.items()}, progress=progress or checkpoint.Progress(),
-              checkpoint_path=checkpoint_path, needs_state=set(cluster_of))
+              checkpoint_path=checkpoint_path, needs_state=set(cluster_of), pooled_label_counts=pooled_label_counts(info))
     run.restore_server_state()
     run.strategy.summary()
     log(INFO, "setup: %d clients in clusters %s", len(info), sorted(set(cluster_of.values())))

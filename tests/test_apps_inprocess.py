@@ -86,6 +86,28 @@ def test_client_state_keeps_threshold_feedback_and_head_outputs(four_clients_two
     assert len(ids) == len(np.unique(ids))  # each item is sent to the LLM at most once in training
 
 
+def test_clients_reweight_the_global_head_to_their_own_label_mix(four_clients_two_clusters):
+    from fedhlm_app.client import local_data, local_texts, own_label_counts, run_config
+    from fedhlm_app.head import head_from_config
+    from fedhlm_app.label_prior import prior_of, shift_prior
+
+    tmp, (grid, results) = four_clients_two_clusters
+    contexts = [grid.context(node) for node in grid.get_node_ids()]
+    cfg = run_config(contexts[0])
+    assert cfg["local-label-prior"]
+    own = [own_label_counts(local_texts(ctx, cfg)) for ctx in contexts]
+    pooled = prior_of(np.sum(own, axis=0))
+    model = np.load(tmp / "results" / "latest" / "model.npz")
+    for ctx, counts in zip(contexts, own):
+        data = local_data(ctx, cfg)
+        head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes).set_params(
+            [model[f"head_{i}"] for i in range(sum(k.startswith("head_") for k in model.files))])
+        global_probs = head.predict_proba(data.test.inputs)
+        kept = ctx.state["head-outputs"]["test"].numpy()
+        np.testing.assert_allclose(kept, shift_prior(global_probs, prior_of(counts), pooled), atol=1e-6)
+        assert np.abs(kept - global_probs).max() > 1e-3  # each client's mix differs from the pooled one
+
+
 def test_flat_fedavg_is_one_config_line(tmp_path, tiny_bert):
     nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
     _, results = _run(tmp_path, tiny_bert, nodes, **{"strategy": "fedavg", "num-clients": 3, "num-clusters": 3, "threshold-rounds": 2})

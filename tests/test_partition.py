@@ -66,3 +66,18 @@ def test_impossible_min_partition_size_is_a_clear_error():
 
     with pytest.raises(ValueError, match="min-partition-size"):
         dirichlet_train_partition(np.zeros(100, dtype=int), 20, 0.5, 0, 50)
+
+
+def test_pooled_test_mix_splits_every_row_once_in_proportion_to_train_sizes():
+    rng = np.random.default_rng(3)
+    train, test = rng.integers(0, 4, 4000), np.repeat(np.arange(4), 500)
+    clients = partition_clients(train, test, 5, 0.1, 0, 0.2, 10, test_label_mix="pooled")
+    rows = np.concatenate([c.test for c in clients])
+    assert sorted(rows.tolist()) == list(range(len(test)))
+    train_sizes = np.array([len(c.fit) + len(c.calibration) for c in clients])
+    np.testing.assert_allclose([len(c.test) for c in clients], train_sizes / train_sizes.sum() * len(test), atol=1)
+    # the biggest client's queries follow the pooled mix, not its own skewed one
+    big = clients[int(np.argmax(train_sizes))]
+    own_mix = np.bincount(train[np.concatenate([big.fit, big.calibration])], minlength=4) / train_sizes.max()
+    query_mix = np.bincount(test[big.test], minlength=4) / len(big.test)
+    assert np.abs(query_mix - 0.25).max() < 0.1 < np.abs(own_mix - 0.25).max()

@@ -1,0 +1,34 @@
+"""Label-prior correction: a client adapts the global head to its own label mix (pure numpy).
+
+Federated clients rarely see the pooled label distribution: under label skew each
+device's queries follow its own mix of classes. The global head estimates
+p_g(y | x) under the pooled prior pi_g(y); if a client's items share the class-
+conditional densities p(x | y) but follow its prior pi_k(y), Bayes' rule gives its
+posterior as p_k(y | x) proportional to p_g(y | x) * pi_k(y) / pi_g(y) (Saerens et al.,
+Neural Computation 2002). pi_k is counted from the client's own labelled rows and
+stays on the device; pi_g is the sum of every client's counts, which the server adds up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def label_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """How many rows of each class ``labels`` holds."""
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+
+
+def prior_of(counts: np.ndarray, smoothing: float = 1.0) -> np.ndarray:
+    """The class prior of ``counts`` with add-``smoothing`` (Laplace) so that no class gets zero
+    probability: a class a client has never seen can still be its answer."""
+    counts = np.asarray(counts, dtype=np.float64) + smoothing
+    return counts / counts.sum()
+
+
+def shift_prior(probs: np.ndarray, local_prior: np.ndarray, global_prior: np.ndarray) -> np.ndarray:
+    """``probs`` (rows over classes, under ``global_prior``) re-weighted to ``local_prior``."""
+    if probs.shape[1:] != local_prior.shape or local_prior.shape != global_prior.shape:
+        raise ValueError(f"probabilities over {probs.shape[1:]} classes, priors of shapes {local_prior.shape} and {global_prior.shape}")
+    shifted = probs * (local_prior / global_prior)
+    return shifted / shifted.sum(axis=1, keepdims=True)

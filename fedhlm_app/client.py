@@ -35,7 +35,7 @@ from fedhlm_app.config import validate
 from fedhlm_app.features import EncoderSpec, featurize, resolve_cache_dir
 from fedhlm_app.finetune import TuningConfig, get_tuner
 from fedhlm_app.head import HeadConfig, HeadInputs, SoftmaxHead, head_from_config, unit_rows
-from fedhlm_app.label_prior import label_counts, prior_of, shift_prior
+from fedhlm_app.label_prior import label_counts, likelier_prior, prior_of, shift_prior
 from fedhlm_app.ngrams import NgramBags
 from fedhlm_app.oracle import EscalationBatch
 from fedhlm_app.p2p import ClassSums, prototypes_changed, resolve
@@ -244,14 +244,19 @@ def own_label_counts(texts: LocalTexts) -> np.ndarray:
 
 
 def head_outputs(head: SoftmaxHead, data: LocalData, own_counts: np.ndarray | None, pooled_counts: np.ndarray | None
-                 ) -> dict[str, np.ndarray]:
-    """The head's class probabilities for every split (``SPLITS``); with both label counts,
-    re-weighted from the pooled label mix to the client's own (``label_prior``)."""
+                 ) -> tuple[dict[str, np.ndarray], bool]:
+    """The head's class probabilities for every split (``SPLITS``), and whether the queries got
+    the client's own label mix. With both label counts they are re-weighted from the pooled mix
+    to the client's own (``label_prior``): always for its labelled rows (fit, calibration), which
+    follow its mix by definition; for its queries (test) only if their unlabelled distribution
+    is likelier under its own mix than under the pooled one."""
     probs = {s: head.predict_proba(getattr(data, s).inputs) for s in SPLITS}
     if own_counts is None or pooled_counts is None:
-        return probs
+        return probs, False
     own, pooled = prior_of(own_counts), prior_of(pooled_counts)
-    return {s: shift_prior(p, own, pooled) for s, p in probs.items()}
+    queries = likelier_prior(probs["test"], own, pooled)
+    priors = {"fit": own, "calibration": own, "test": queries}
+    return {s: shift_prior(p, priors[s], pooled) for s, p in probs.items()}, queries is own
 
 
 def _keep_head_outputs(context: Context, cfg: dict[str, Any], data: LocalData, content: RecordDict) -> None:
@@ -261,7 +266,9 @@ def _keep_head_outputs(context: Context, cfg: dict[str, Any], data: LocalData, c
     head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes).set_params(record_arrays(content["arrays"]))
     pooled = to_numpy(content["label-counts"]["pooled"]) if "label-counts" in content else None
     own = own_label_counts(local_texts(context, cfg)) if pooled is not None else None
-    context.state["head-outputs"] = ArrayRecord({s: to_array(p) for s, p in head_outputs(head, data, own, pooled).items()})
+    probs, own_prior_queries = head_outputs(head, data, own, pooled)
+    context.state["head-outputs"] = ArrayRecord({s: to_array(p) for s, p in probs.items()})
+    context.state["label-prior"] = ConfigRecord({"queries-own-prior": int(own_prior_queries)})
 
 
 def _routing_inputs(context: Context, cfg: dict[str, Any], split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -482,6 +489,7 @@ def evaluate_hlm(msg: Message, context: Context) -> Message:
             "p2p-own": int(np.sum(tiers == 1)),
             "p2p-neighbour": int(np.sum(tiers == 2)),
             "p2p-wrong": int(np.sum(peer & (final != y))),
+            "queries-own-prior": int(context.state["label-prior"]["queries-own-prior"]),
         }
     )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

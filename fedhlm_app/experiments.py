@@ -86,7 +86,7 @@ def item_outcomes(cfg: dict[str, Any], run_dir: Path) -> dict[str, np.ndarray]:
     for pid in range(n):
         data = _local_data_cached(key, pid, n, "")
         head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes).set_params(params)
-        probs = head_outputs(head, data, own[pid], pooled)
+        probs = head_outputs(head, data, own[pid], pooled)[0]
         p, u, draft = routing_of(probs["test"], cfg["uncertainty"])
         verification = verify_safely(oracle, _batch(data.test.texts, p, draft))
         out["p"].append(p)

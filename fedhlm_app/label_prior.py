@@ -7,6 +7,12 @@ conditional densities p(x | y) but follow its prior pi_k(y), Bayes' rule gives i
 posterior as p_k(y | x) proportional to p_g(y | x) * pi_k(y) / pi_g(y) (Saerens et al.,
 Neural Computation 2002). pi_k is counted from the client's own labelled rows and
 stays on the device; pi_g is the sum of every client's counts, which the server adds up.
+
+The correction helps only if the client's queries do follow its training mix; if they
+follow the pooled mix instead it does great harm (AG News, Dirichlet 0.5: 61% instead
+of 88% accuracy). So a client checks its queries first (no labels needed): under the
+head, p(x) is proportional to sum_y p_g(y | x) pi(y) / pi_g(y), and it keeps whichever of
+the two priors, its own or the pooled one, makes its queries more likely.
 """
 
 from __future__ import annotations
@@ -32,3 +38,16 @@ def shift_prior(probs: np.ndarray, local_prior: np.ndarray, global_prior: np.nda
         raise ValueError(f"probabilities over {probs.shape[1:]} classes, priors of shapes {local_prior.shape} and {global_prior.shape}")
     shifted = probs * (local_prior / global_prior)
     return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def query_log_likelihood(probs: np.ndarray, prior: np.ndarray, global_prior: np.ndarray) -> float:
+    """log p(queries) if their labels follow ``prior``, up to a constant that is the same for
+    every prior: sum over queries of log sum_y p_g(y | x) prior(y) / global_prior(y)."""
+    return float(np.sum(np.log(probs @ (prior / global_prior))))
+
+
+def likelier_prior(probs: np.ndarray, local_prior: np.ndarray, global_prior: np.ndarray) -> np.ndarray:
+    """``local_prior`` if it explains the queries ``probs`` at least as well as ``global_prior``
+    does, else ``global_prior`` (a likelihood comparison of two fixed hypotheses, no fitting)."""
+    keep_local = query_log_likelihood(probs, local_prior, global_prior) >= query_log_likelihood(probs, global_prior, global_prior)
+    return local_prior if keep_local else global_prior

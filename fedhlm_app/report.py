@@ -289,6 +289,7 @@ def write_report(
                 "slm_accuracy": row["slm-correct"] / n,
                 "llm_rate": row["escalated"] / n,
                 "local_rate": 1 - row["escalated"] / n,
+                "own_label_prior": bool(row["queries-own-prior"]),  # its queries were re-weighted to its label mix
             }
         )
     clusters = {}
@@ -323,6 +324,7 @@ def write_report(
             "calibration_items": int(sum(i["n-calibration"] for i in info.values())),
         },
         "clients": clients,
+        "clients_with_own_label_prior": sum(c["own_label_prior"] for c in clients),
         "clusters": clusters,
         "communication": {
             "by_phase_and_link": ledger.to_dict(),

@@ -89,7 +89,7 @@ def test_client_state_keeps_threshold_feedback_and_head_outputs(four_clients_two
 def test_clients_reweight_the_global_head_to_their_own_label_mix(four_clients_two_clusters):
     from fedhlm_app.client import local_data, local_texts, own_label_counts, run_config
     from fedhlm_app.head import head_from_config
-    from fedhlm_app.label_prior import prior_of, shift_prior
+    from fedhlm_app.label_prior import likelier_prior, prior_of, shift_prior
 
     tmp, (grid, results) = four_clients_two_clusters
     contexts = [grid.context(node) for node in grid.get_node_ids()]
@@ -102,10 +102,16 @@ def test_clients_reweight_the_global_head_to_their_own_label_mix(four_clients_tw
         data = local_data(ctx, cfg)
         head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes).set_params(
             [model[f"head_{i}"] for i in range(sum(k.startswith("head_") for k in model.files))])
-        global_probs = head.predict_proba(data.test.inputs)
-        kept = ctx.state["head-outputs"]["test"].numpy()
-        np.testing.assert_allclose(kept, shift_prior(global_probs, prior_of(counts), pooled), atol=1e-6)
-        assert np.abs(kept - global_probs).max() > 1e-3  # each client's mix differs from the pooled one
+        own = prior_of(counts)
+        calibration = head.predict_proba(data.calibration.inputs)
+        kept = ctx.state["head-outputs"]["calibration"].numpy()
+        np.testing.assert_allclose(kept, shift_prior(calibration, own, pooled), atol=1e-6)
+        assert np.abs(kept - calibration).max() > 1e-3  # each client's mix differs from the pooled one
+        queries = head.predict_proba(data.test.inputs)
+        chosen = likelier_prior(queries, own, pooled)
+        np.testing.assert_allclose(ctx.state["head-outputs"]["test"].numpy(), shift_prior(queries, chosen, pooled), atol=1e-6)
+        row = next(c for c in results["clients"] if c["node_id"] == ctx.node_id)
+        assert row["own_label_prior"] == (chosen is own)
 
 
 def test_flat_fedavg_is_one_config_line(tmp_path, tiny_bert):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedhlm_app.label_prior import label_counts, prior_of, shift_prior
+from fedhlm_app.label_prior import label_counts, likelier_prior, prior_of, shift_prior
 
 
 def _posterior(x: np.ndarray, means: np.ndarray, prior: np.ndarray) -> np.ndarray:
@@ -40,3 +40,14 @@ def test_counts_and_smoothing_keep_unseen_classes_possible():
 def test_mismatched_class_counts_are_a_clear_error():
     with pytest.raises(ValueError, match="classes"):
         shift_prior(np.full((2, 4), 0.25), np.full(3, 1 / 3), np.full(4, 0.25))
+
+
+@pytest.mark.parametrize("truth", ["own", "pooled"])
+def test_the_queries_choose_the_prior_they_were_drawn_from(truth):
+    rng = np.random.default_rng(2)
+    means = 1.5 * rng.normal(size=(4, 3))
+    pooled, own = np.full(4, 0.25), np.array([0.7, 0.2, 0.05, 0.05])
+    labels = rng.choice(4, size=300, p=own if truth == "own" else pooled)
+    x = means[labels] + rng.normal(size=(300, 3))
+    chosen = likelier_prior(_posterior(x, means, pooled), own, pooled)
+    assert chosen is (own if truth == "own" else pooled)

@@ -13,21 +13,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from fedhlm_app.data import load_local
-from fedhlm_app.features import EncoderSpec, featurize
-from fedhlm_app.frontier import escalate_most_uncertain
-from fedhlm_app.head import HeadConfig, HeadInputs, SoftmaxHead, unit_rows
-from fedhlm_app.label_prior import label_counts, prior_of, shift_prior
-from fedhlm_app.ngrams import NgramBags
-from fedhlm_app.partition import partition_clients
-from fedhlm_app.uncertainty import margin
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedhlm_app.data import load_local  # noqa: E402
+from fedhlm_app.features import EncoderSpec, featurize  # noqa: E402
+from fedhlm_app.frontier import escalate_most_uncertain  # noqa: E402
+from fedhlm_app.head import HeadConfig, HeadInputs, SoftmaxHead, unit_rows  # noqa: E402
+from fedhlm_app.label_prior import label_counts, prior_of, shift_prior  # noqa: E402
+from fedhlm_app.ngrams import NgramBags  # noqa: E402
+from fedhlm_app.partition import partition_clients  # noqa: E402
+from fedhlm_app.uncertainty import margin  # noqa: E402
 
 
 class CorrectedHead(SoftmaxHead):

@@ -30,24 +30,21 @@ class Lever:
 
 
 NO_NGRAMS = {"ngram-buckets": 0}
-NO_PRIOR = {"local-label-prior": False}
+MPNET = {"slm-model": "mpnet"}
 LEVERS: dict[str, Lever] = {
-    "default": Lever("MiniLM + n-gram bags (2^17), linear head, entropy, local label prior (the default)", {}),
-    "no-label-prior": Lever("the default without the local label prior (every client uses the global head as is)", NO_PRIOR),
+    "default": Lever("MiniLM + n-gram bags (2^17), linear head, margin, local label prior (the default)", {}),
+    "no-label-prior": Lever("the default without the local label prior (every client uses the global head as is)",
+                            {"local-label-prior": False}),
     "pooled-queries": Lever("stress test: the default, but each client's test queries follow the pooled label mix",
-                             {"test-label-mix": "pooled"}),
-    "no-ngrams": Lever("MiniLM, linear head, entropy (the default before n-grams)", NO_NGRAMS),
-    "no-ngrams-margin": Lever("MiniLM, linear head, margin", {**NO_NGRAMS, "uncertainty": "margin"}),
-    "no-ngrams-rounds30-margin": Lever("MiniLM, linear head, 30 head rounds, margin",
-                                       {**NO_NGRAMS, "head-rounds": 30, "uncertainty": "margin"}),
-    "margin": Lever("MiniLM + n-gram bags, margin", {"uncertainty": "margin"}),
-    "rounds30-margin": Lever("MiniLM + n-gram bags, 30 head rounds, margin", {"head-rounds": 30, "uncertainty": "margin"}),
-    "finetune-margin": Lever("MiniLM, top 2 layers fine-tuned (3 rounds x 10 steps) + n-gram bags, margin",
-                             {"encoder-rounds": 3, "encoder-lr": 2e-4, "uncertainty": "margin"}),
-    "mpnet-no-ngrams-margin": Lever("mpnet, linear head, margin", {"slm-model": "mpnet", **NO_NGRAMS, "uncertainty": "margin"}),
-    "mpnet-margin": Lever("mpnet + n-gram bags, margin", {"slm-model": "mpnet", "uncertainty": "margin"}),
-    "mpnet-rounds30-margin": Lever("mpnet + n-gram bags, 30 head rounds, margin",
-                                   {"slm-model": "mpnet", "head-rounds": 30, "uncertainty": "margin"}),
+                            {"test-label-mix": "pooled"}),
+    "entropy": Lever("the default with entropy instead of margin", {"uncertainty": "entropy"}),
+    "no-ngrams": Lever("MiniLM, linear head (no n-gram bags)", NO_NGRAMS),
+    "rounds30": Lever("the default with 30 head rounds", {"head-rounds": 30}),
+    "finetune": Lever("MiniLM, top 2 layers fine-tuned (3 rounds x 10 steps), then the default",
+                      {"encoder-rounds": 3, "encoder-lr": 2e-4}),
+    "mpnet-no-ngrams": Lever("mpnet, linear head (no n-gram bags)", {**MPNET, **NO_NGRAMS}),
+    "mpnet": Lever("mpnet + n-gram bags", MPNET),
+    "mpnet-rounds30": Lever("mpnet + n-gram bags, 30 head rounds (conf/best.toml)", {**MPNET, "head-rounds": 30}),
 }
 # Slow levers are asked for by name or with "all": mpnet needs the all-mpnet-base-v2 wheels (`make
 # setup-mpnet`) and featurizes 33k texts with a 110M-parameter encoder (about 14 min on 2 AMX cores,

@@ -3,6 +3,7 @@
 import json
 
 from fedhlm_app import experiments
+from fedhlm_app import frontier as frontier_mod
 from fedhlm_app.launch import BUNDLED_DATA
 
 
@@ -33,4 +34,4 @@ def test_tiny_harness_writes_report_plots_and_json(tmp_path, tiny_bert):
         for rate in ("1%", "2%", "5%", "10%"):  # never above the oracle router at the same rate
             assert row[f"acc@{rate}"]["mean"] <= row[f"oracle@{rate}"]["mean"] + 1e-12
         assert set(row["measures"]) >= {"entropy", "margin", "temperature-perturbation", "margin, temperature-scaled"}
-    assert "| MiniLM, linear head, entropy (the default before n-grams) |" in report and "## Frontier of SLM levers" in report
+    assert f"| {frontier_mod.LEVERS['no-ngrams'].description} |" in report and "## Frontier of SLM levers" in report

@@ -105,11 +105,11 @@ def main() -> None:
                     controls = fresh
                     server_control = [sum(wi * c[i] for wi, c in zip(w, controls)) for i in range(len(start))]
         probs = head.predict_proba(test)
-        pooled = prior_of(sum(label_counts(ytr[np.concatenate([c.fit, c.calibration])], classes) for c in clients))
+        own_counts = [label_counts(ytr[np.concatenate([c.fit, c.calibration])], classes) for c in clients]
+        pooled = prior_of(np.sum(own_counts, axis=0))
         local = probs.copy()
-        for c in clients:
-            own = prior_of(label_counts(ytr[np.concatenate([c.fit, c.calibration])], classes))
-            local[c.test] = shift_prior(probs[c.test], own, pooled)
+        for c, counts in zip(clients, own_counts):
+            local[c.test] = shift_prior(probs[c.test], prior_of(counts), pooled)
         row = {"variant": variant, "global head": scores(probs, yte), "local label prior": scores(local, yte),
                "wall_s": round(time.monotonic() - started, 1)}
         rows.append(row)

@@ -81,12 +81,12 @@ def split_like(
     return [np.sort(np.array(o, dtype=np.int64)) for o in out]
 
 
-def split_pooled(test_rows: int, train_parts: list[np.ndarray], seed: int) -> list[np.ndarray]:
-    """Split test rows at random, each client's share in proportion to its train partition: every
-    client's queries follow the pooled label mix, whatever its own training labels."""
+def split_pooled(num_test: int, train_parts: list[np.ndarray], seed: int) -> list[np.ndarray]:
+    """Split the test rows 0..num_test-1 at random, each client's share in proportion to its train
+    partition: every client's queries follow the pooled label mix, whatever its own training labels."""
     sizes = np.array([len(p) for p in train_parts], dtype=float)
-    rows = np.random.default_rng([seed, 1]).permutation(test_rows)
-    cuts = np.round(np.cumsum(sizes / sizes.sum()) * test_rows).astype(int)[:-1]
+    rows = np.random.default_rng([seed, 1]).permutation(num_test)
+    cuts = np.round(np.cumsum(sizes / sizes.sum()) * num_test).astype(int)[:-1]
     return [np.sort(chunk) for chunk in np.split(rows, cuts)]
 
 

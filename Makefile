@@ -29,11 +29,11 @@ setup-mpnet: setup
 
 ## run: the paper's setting (20 clients, 4 clusters, alpha 0.5, 30 rounds) as a flwr run simulation
 run: setup
-	$(PY) -m fedhlm_app.launch $(PRESET) $(if $(ARGS),-c "$(ARGS)")
+	$(PY) -m fedhlm_app.tools.launch $(PRESET) $(if $(ARGS),-c "$(ARGS)")
 
 ## smoke: a tiny run (4 clients, a few hundred items) to check an installation
 smoke: setup
-	$(PY) -m fedhlm_app.launch conf/smoke.toml $(if $(ARGS),-c "$(ARGS)")
+	$(PY) -m fedhlm_app.tools.launch conf/smoke.toml $(if $(ARGS),-c "$(ARGS)")
 
 ## test: the whole test suite (unit, in-process apps, one real flwr run)
 test: setup
@@ -45,4 +45,4 @@ clean:
 ## experiments: the evaluation harness (3 seeds, every baseline, curves) -> results/experiments/report.md
 ## LEVERS="all" (or lever names) adds the slow frontier levers (mpnet needs `make setup-mpnet`)
 experiments: setup
-	$(PY) -m fedhlm_app.experiments $(if $(LEVERS),--levers $(LEVERS)) $(if $(ARGS),-c "$(ARGS)")
+	$(PY) -m fedhlm_app.tools.experiments $(if $(LEVERS),--levers $(LEVERS)) $(if $(ARGS),-c "$(ARGS)")

@@ -5,7 +5,7 @@
 Every path embeds the same AG News test texts in the same process, one lever at a time:
 - naive: fp32, padding to max length 128, batch 32, texts in file order;
 - fp32, texts sorted by length and padded per batch of 128 texts (FedHLM's earlier path);
-- ``fedhlm_app.features.Encoder`` in fp32 with token-budget batches (``--budgets``: texts sorted
+- ``fedhlm_app.slm.features.Encoder`` in fp32 with token-budget batches (``--budgets``: texts sorted
   by token count, each batch padded to at most that many tokens);
 - the fast path as clients run it (``precision = "auto"``: bf16 autocast, kept only if the first
   batch agrees with fp32), measured only on CPUs with native bf16 (AMX or AVX-512 BF16): elsewhere
@@ -29,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedhlm_app.data import load_local  # noqa: E402
-from fedhlm_app.features import Encoder, EncoderSpec, cpu_has_native_bf16, resolve_model_path  # noqa: E402
-from fedhlm_app.head import HeadConfig, SoftmaxHead, unit_rows  # noqa: E402
+from fedhlm_app.data.datasets import load_local  # noqa: E402
+from fedhlm_app.slm.features import Encoder, EncoderSpec, cpu_has_native_bf16, resolve_model_path  # noqa: E402
+from fedhlm_app.slm.head import HeadConfig, SoftmaxHead, unit_rows  # noqa: E402
 
 
 def naive_embed(texts: list[str], model_name: str) -> tuple[np.ndarray, float, np.ndarray]:
@@ -85,7 +85,7 @@ def sorted_fixed_batches(texts: list[str], model_name: str, batch: int = 128) ->
 
 
 def encoder_path(texts: list[str], model_name: str, precision: str, batch_tokens: int) -> tuple[np.ndarray, float, bool]:
-    """``fedhlm_app.features.Encoder`` as the clients run it; returns embeddings, seconds, bf16 used."""
+    """``fedhlm_app.slm.features.Encoder`` as the clients run it; returns embeddings, seconds, bf16 used."""
     encoder = Encoder(EncoderSpec(model_name, 128, precision, batch_tokens))
     encoder.encode(texts[:64])  # warm-up, and the bf16 agreement check where it applies
     started = time.perf_counter()

@@ -2,7 +2,7 @@
 
     python bench/main_job.py [--warm 2] [--preset conf/paper.toml] [-c "key=value ..."]
 
-Runs the real launcher (``python -m fedhlm_app.launch``: its own SuperLink, ``flwr run``, Ray, one
+Runs the real launcher (``python -m fedhlm_app.tools.launch``: its own SuperLink, ``flwr run``, Ray, one
 SuperNode per client) once cold, on an empty feature cache of its own, then ``--warm`` times on
 that now-filled cache; the user's cache is never touched. For each run it prints and writes to
 JSON (bench/results/main_job.json):
@@ -96,7 +96,7 @@ class MemorySampler(threading.Thread):
 def launch(run_name: str, preset: str, overrides: list[str], cache_dir: Path, results_dir: Path) -> dict:
     """One launch of the main job, timed and memory-sampled; its results.json timings merged in."""
     config = f"run-name='{run_name}' cache-dir='{cache_dir}' results-dir='{results_dir}'"
-    cmd = [sys.executable, "-m", "fedhlm_app.launch", preset, *sum((["-c", o] for o in overrides), []), "-c", config]
+    cmd = [sys.executable, "-m", "fedhlm_app.tools.launch", preset, *sum((["-c", o] for o in overrides), []), "-c", config]
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
     log_path = results_dir / f"{run_name}.log"
     started = time.time()

@@ -6,7 +6,7 @@ Every backend answers the same first ``--items`` test texts from a cold answer
 cache (a fresh temporary folder), one batch as the ServerApp would send it:
 - ``labels``: ground truth (the paper's simulated LLM), the ceiling;
 - ``remote``: the labels backend behind FedHLM's oracle service on loopback (HTTP cost only);
-- ``classifier``: the checkpoint given by ``--classifier`` (``python -m fedhlm_app.llm.train_classifier``);
+- ``classifier``: the checkpoint given by ``--classifier`` (``python -m fedhlm_app.oracle.train_classifier``);
 - ``causal-lm``: SmolLM2-135M-Instruct scoring the label words (``--few-shot`` examples per class);
 - ``openai``: SmolLM2 behind ``transformers serve`` (a real OpenAI-compatible server) on loopback.
 Accuracy is argmax q against the labels (items without an answer count as wrong);
@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedhlm_app.config import validate  # noqa: E402
-from fedhlm_app.data import load_local  # noqa: E402
-from fedhlm_app.launch import BUNDLED_DATA, merged_config, with_default_paths  # noqa: E402
-from fedhlm_app.oracle import EscalationBatch, LabelsOracle, is_distribution, make_oracle, verify_safely  # noqa: E402
+from fedhlm_app.data.datasets import load_local  # noqa: E402
+from fedhlm_app.tools.launch import BUNDLED_DATA, merged_config, with_default_paths  # noqa: E402
+from fedhlm_app.oracle.base import EscalationBatch, LabelsOracle, is_distribution, make_oracle, verify_safely  # noqa: E402
 
 
 def main() -> int:
@@ -46,7 +46,7 @@ def main() -> int:
     args = parser.parse_args()
     if "classifier" in args.backends.split(",") and not (Path(args.classifier) / "config.json").is_file():
         parser.error(f"--classifier {args.classifier} is not a checkpoint; train one first: .venv/bin/python -m "
-                     f"fedhlm_app.llm.train_classifier --base minilm --out {args.classifier} --max-train-items 8000 --lr 5e-5")
+                     f"fedhlm_app.oracle.train_classifier --base minilm --out {args.classifier} --max-train-items 8000 --lr 5e-5")
     data = load_local(BUNDLED_DATA, "train.csv", "test.csv")
     texts, labels = data.test.texts[: args.items], data.test.labels[: args.items]
     work = Path(tempfile.mkdtemp(prefix="fedhlm-oracles-"))
@@ -59,7 +59,7 @@ def main() -> int:
         cfg = dict(base, oracle=name)
         label = name
         if name == "remote":
-            from fedhlm_app.llm.service import OracleService
+            from fedhlm_app.oracle.service import OracleService
 
             service = OracleService(("127.0.0.1", 0), LabelsOracle(data, 0), "labels", data.class_names)
             threading.Thread(target=service.serve_forever, daemon=True).start()
@@ -74,7 +74,7 @@ def main() -> int:
         elif name == "causal-lm":
             cfg["oracle-model"], label = "smollm2", f"causal-lm (SmolLM2-135M-Instruct, {args.few_shot}-shot per class)"
         elif name == "openai":
-            from fedhlm_app.llm.causal_lm import export_hf_folder, serve_openai_compatible
+            from fedhlm_app.oracle.causal_lm import export_hf_folder, serve_openai_compatible
 
             folder = export_hf_folder("smollm2", work / "smollm2-hf")
             proc, url = serve_openai_compatible(folder, work / "serve.log")

@@ -5,10 +5,10 @@
 Each point runs the paper's preset with a different ``num-clients`` on the same total data (the
 25,569 training and 7,600 test rows split among more, smaller clients; 4 clusters), on two engines:
 
-- ``ray``: a real launch (``python -m fedhlm_app.launch``: SuperLink, ``flwr run``, Ray actors), so
+- ``ray``: a real launch (``python -m fedhlm_app.tools.launch``: SuperLink, ``flwr run``, Ray actors), so
   the round includes Flower's simulation engine dispatching every message to a Ray actor;
 - ``inprocess``: the same ServerApp and ClientApps driven in one process
-  (``fedhlm_app.inprocess``), so the round is FedHLM's own work: every client's handlers, the
+  (``fedhlm_app.tools.inprocess``), so the round is FedHLM's own work: every client's handlers, the
   LLM's verification, aggregation and accounting.
 
 A threshold round is two message exchanges with every client (escalate; then the LLM's feedback
@@ -32,8 +32,8 @@ from main_job import ROOT, launch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as `make run`: the bundled data, no Hub lookups
 sys.path.insert(0, str(ROOT))
-from fedhlm_app.inprocess import results_path, run_inprocess  # noqa: E402
-from fedhlm_app.launch import merged_config, with_default_paths  # noqa: E402
+from fedhlm_app.tools.inprocess import results_path, run_inprocess  # noqa: E402
+from fedhlm_app.tools.launch import merged_config, with_default_paths  # noqa: E402
 
 
 def inprocess_round_median(run_name: str, preset: str, overrides: list[str], cache_dir: Path, results_dir: Path) -> float:

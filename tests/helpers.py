@@ -34,4 +34,4 @@ def make_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
     return folder
 
 
-from fedhlm_app.inprocess import LocalGrid, server_context  # noqa: E402,F401 - re-exported for tests
+from fedhlm_app.tools.inprocess import LocalGrid, server_context  # noqa: E402,F401 - re-exported for tests

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedhlm_app.aggregation import ServerAdam, Update, flat, hierarchical, weighted_mean
-from fedhlm_app.records import arrays_record
-from fedhlm_app.strategy import STRATEGIES, make_strategy
+from fedhlm_app.fl.aggregation import ServerAdam, Update, flat, hierarchical, weighted_mean
+from fedhlm_app.app.protocol import arrays_record
+from fedhlm_app.fl.strategy import STRATEGIES, make_strategy
 from fedhlm_app import config
 
 
@@ -141,7 +141,7 @@ def test_an_edge_round_stops_before_the_cloud():
 
 
 def test_cloud_rounds_are_every_kth_and_the_last():
-    from fedhlm_app.server import is_cloud_round
+    from fedhlm_app.app.server_app import is_cloud_round
 
     assert [r for r in range(1, 8) if is_cloud_round(r, 7, 3)] == [3, 6, 7]
     assert all(is_cloud_round(r, 5, 1) for r in range(1, 6))

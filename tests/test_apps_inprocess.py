@@ -22,7 +22,7 @@ def _run(tmp_path, tiny_bert, nodes, **overrides):
             "cache-dir": str(tmp_path / "cache"), "results-dir": str(tmp_path / "results"), **overrides,
         }
     )
-    from fedhlm_app.launch import BUNDLED_DATA
+    from fedhlm_app.tools.launch import BUNDLED_DATA
 
     rc["data-dir"] = str(BUNDLED_DATA)
     grid = LocalGrid(client_app, nodes, rc)
@@ -87,9 +87,9 @@ def test_client_state_keeps_threshold_feedback_and_head_outputs(four_clients_two
 
 
 def test_clients_reweight_the_global_head_to_their_own_label_mix(four_clients_two_clusters):
-    from fedhlm_app.client import local_data, local_texts, own_label_counts, run_config
-    from fedhlm_app.head import head_from_config
-    from fedhlm_app.label_prior import likelier_prior, prior_of, shift_prior
+    from fedhlm_app.app.client_app import local_data, local_texts, own_label_counts, run_config
+    from fedhlm_app.slm.head import head_from_config
+    from fedhlm_app.slm.label_prior import likelier_prior, prior_of, shift_prior
 
     tmp, (grid, results) = four_clients_two_clusters
     contexts = [grid.context(node) for node in grid.get_node_ids()]
@@ -123,7 +123,7 @@ def test_flat_fedavg_is_one_config_line(tmp_path, tiny_bert):
 
 
 def test_p2p_prototype_traffic_is_counted_and_tiers_add_up(four_clients_two_clusters):
-    from fedhlm_app.records import pack_prototypes, serialized_size
+    from fedhlm_app.app.protocol import pack_prototypes, serialized_size
     from flwr.app import RecordDict
 
     _, (grid, results) = four_clients_two_clusters
@@ -156,7 +156,7 @@ def test_p2p_switch_off_removes_peer_traffic(tmp_path, tiny_bert):
 
 def test_a_run_whose_oracle_is_down_finishes_and_says_so(tmp_path, tiny_bert):
     nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
-    from fedhlm_app.launch import free_port
+    from fedhlm_app.tools.launch import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     _, results = _run(tmp_path, tiny_bert, nodes, **{"oracle": "remote", "oracle-url": dead, "oracle-retries": 1,
@@ -175,10 +175,10 @@ def test_a_run_whose_oracle_is_down_finishes_and_says_so(tmp_path, tiny_bert):
 def test_a_run_through_the_oracle_service_books_its_http_bytes(tmp_path, tiny_bert):
     import threading
 
-    from fedhlm_app.data import load_local
-    from fedhlm_app.launch import BUNDLED_DATA
-    from fedhlm_app.llm.service import OracleService
-    from fedhlm_app.oracle import LabelsOracle
+    from fedhlm_app.data.datasets import load_local
+    from fedhlm_app.tools.launch import BUNDLED_DATA
+    from fedhlm_app.oracle.service import OracleService
+    from fedhlm_app.oracle.base import LabelsOracle
 
     dataset = load_local(BUNDLED_DATA, "train.csv", "test.csv")
     service = OracleService(("127.0.0.1", 0), LabelsOracle(dataset, 0), "labels", dataset.class_names, token="t0ken")
@@ -206,7 +206,7 @@ def test_a_run_through_the_oracle_service_books_its_http_bytes(tmp_path, tiny_be
 def test_every_strategy_preset_runs_the_whole_app(tmp_path, tiny_bert, preset):
     import tomllib
 
-    from fedhlm_app.launch import ROOT
+    from fedhlm_app.tools.launch import ROOT
 
     values = tomllib.loads((ROOT / "conf" / "strategies" / f"{preset}.toml").read_text())
     nodes = [{"partition-id": i, "num-partitions": 4, "cluster-id": i // 2} for i in range(4)]

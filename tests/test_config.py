@@ -50,7 +50,7 @@ def test_server_app_stops_before_sending_anything():
 
 def _launch(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "fedhlm_app.launch", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "fedhlm_app.tools.launch", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
 
 
@@ -80,7 +80,7 @@ def test_launcher_fails_fast_with_one_clear_line(override, message):
 def test_launcher_names_the_wheels_a_missing_packaged_model_needs(tmp_path, monkeypatch):
     import importlib.metadata
 
-    from fedhlm_app import launch
+    from fedhlm_app.tools import launch
 
     def not_installed(name):
         raise importlib.metadata.PackageNotFoundError(name)

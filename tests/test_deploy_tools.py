@@ -11,11 +11,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedhlm_app.config import validate
-from fedhlm_app.data import load_local, truncate
-from fedhlm_app.deploy.credentials import write_node_key, write_tls
-from fedhlm_app.deploy.node_data import write_node_folders
-from fedhlm_app.launch import BUNDLED_DATA
-from fedhlm_app.partition import partition_clients
+from fedhlm_app.data.datasets import load_local, truncate
+from fedhlm_app.tools.deploy.credentials import write_node_key, write_tls
+from fedhlm_app.tools.deploy.node_data import write_node_folders
+from fedhlm_app.tools.launch import BUNDLED_DATA
+from fedhlm_app.data.partition import partition_clients
 from helpers import ROOT, default_run_config
 
 
@@ -41,7 +41,7 @@ def test_node_keys_are_ecdsa_openssh_pairs(tmp_path):
 
 
 def test_credentials_cli_refuses_an_empty_host_list(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fedhlm_app.deploy.credentials", "--out", str(tmp_path), "--hosts", ","],
+    proc = subprocess.run([sys.executable, "-m", "fedhlm_app.tools.deploy.credentials", "--out", str(tmp_path), "--hosts", ","],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "--hosts: give at least one host" in proc.stderr
     assert not (tmp_path / "ca.key").exists()
@@ -72,14 +72,14 @@ def test_node_folders_hold_the_simulation_partitions(tmp_path):
     (["--num-partitions", "2", "--run-config", "conf/none.toml"], "run-config file 'conf/none.toml' not found"),
 ])
 def test_node_data_cli_says_what_is_wrong(tmp_path, args, message):
-    proc = subprocess.run([sys.executable, "-m", "fedhlm_app.deploy.node_data", "--out", str(tmp_path / "out"),
+    proc = subprocess.run([sys.executable, "-m", "fedhlm_app.tools.deploy.node_data", "--out", str(tmp_path / "out"),
                            "--data-dir", str(BUNDLED_DATA), *args], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_the_walkthrough_preset_is_the_smoke_run_over_the_oracle_service():
-    from fedhlm_app.launch import merged_config
+    from fedhlm_app.tools.launch import merged_config
 
     smoke = validate(merged_config([str(ROOT / "conf" / "smoke.toml")], []))
     deployment = validate(merged_config([str(ROOT / "conf" / "deployment.toml")], []))

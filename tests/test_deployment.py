@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from fedhlm_app.config import validate
-from fedhlm_app.deploy.credentials import write_node_key
-from fedhlm_app.deploy.loopback import LoopbackDeployment
-from fedhlm_app.launch import merged_config, with_default_paths
+from fedhlm_app.tools.deploy.credentials import write_node_key
+from fedhlm_app.tools.deploy.loopback import LoopbackDeployment
+from fedhlm_app.tools.launch import merged_config, with_default_paths
 from helpers import ROOT
 
 CLUSTERS = [0, 0, 1, 2, 3]  # node -> cluster-id

@@ -46,7 +46,7 @@ CLIENTAPP_EXECS = [f"superexec-clientapp-{i}" for i in range(NUM_NODES)]
 SERVICES = {"credentials", "node-data", "superlink", "superexec-serverapp", "register", "oracle",
             *SUPERNODES, *CLIENTAPP_EXECS}
 FLOWER_TOOLS = ("flower-superlink", "flower-supernode", "flower-superexec")
-OUR_MODULES = ("fedhlm_app.deploy.credentials", "fedhlm_app.deploy.node_data", "fedhlm_app.llm.service")
+OUR_MODULES = ("fedhlm_app.tools.deploy.credentials", "fedhlm_app.tools.deploy.node_data", "fedhlm_app.oracle.service")
 DONE = "service_completed_successfully"
 STARTED = "service_started"
 
@@ -391,7 +391,7 @@ def check_oracle(compose: Compose) -> None:
     for name in ("oracle", "superexec-serverapp"):
         token = (services[name].get("environment") or {}).get("FEDHLM_ORACLE_TOKEN", "")
         assert TOKEN.match(str(token)), f"{name}: FEDHLM_ORACLE_TOKEN must be required: ${{FEDHLM_ORACLE_TOKEN:?...}}"
-    args = invocation(compose, "oracle", "fedhlm_app.llm.service")
+    args = invocation(compose, "oracle", "fedhlm_app.oracle.service")
     cert, key = option(args, "--tls-cert"), option(args, "--tls-key")
     assert (cert, key) == ("/secrets/server.pem", "/secrets/server.key"), "oracle: not the server certificate"
     assert "--no-token" not in args
@@ -402,24 +402,24 @@ def check_oracle(compose: Compose) -> None:
     url = urlsplit(tomllib.loads(RUN_CONFIG.read_text())["oracle-url"])
     assert url.scheme == "https" and url.hostname == "oracle", f"oracle-url {url.geturl()}: want https://oracle:..."
     assert url.port == int(option(args, "--port")), "oracle-url port is not the oracle's --port"
-    hosts = option(invocation(compose, "credentials", "fedhlm_app.deploy.credentials"), "--hosts").split(",")
+    hosts = option(invocation(compose, "credentials", "fedhlm_app.tools.deploy.credentials"), "--hosts").split(",")
     assert url.hostname in hosts, f"the server certificate is not valid for {url.hostname} ({hosts})"
     assert "superlink" in hosts, "the server certificate is not valid for superlink"
 
 
 def check_run_config_matches(compose: Compose) -> None:
     from fedhlm_app.config import validate
-    from fedhlm_app.launch import merged_config
+    from fedhlm_app.tools.launch import merged_config
 
     cfg = validate(merged_config([str(RUN_CONFIG)], []))
     configs = [node_config(compose, name) for name in SUPERNODES]
     assert cfg["num-clients"] == len(SUPERNODES), "conf/docker.toml num-clients != number of SuperNodes"
     assert cfg["num-clusters"] == len({c["cluster-id"] for c in configs}), "num-clusters != distinct cluster-ids"
     assert cfg["oracle"] == "remote"
-    node_data = invocation(compose, "node-data", "fedhlm_app.deploy.node_data")
+    node_data = invocation(compose, "node-data", "fedhlm_app.tools.deploy.node_data")
     assert int(option(node_data, "--num-partitions")) == len(SUPERNODES), "node-data: --num-partitions"
     assert (ROOT / option(node_data, "--run-config")).resolve() == RUN_CONFIG, "node-data: not conf/docker.toml"
-    creds = invocation(compose, "credentials", "fedhlm_app.deploy.credentials")
+    creds = invocation(compose, "credentials", "fedhlm_app.tools.deploy.credentials")
     assert int(option(creds, "--nodes")) == len(SUPERNODES), "credentials: --nodes"
     services = compose["services"]
     server_mounts = {t for _, t, mode in volume_mounts(services["superexec-serverapp"]) if mode == "rw"}

@@ -7,7 +7,7 @@ from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
 
 from client_app import app as client_app
-from fedhlm_app.launch import BUNDLED_DATA
+from fedhlm_app.tools.launch import BUNDLED_DATA
 from helpers import LocalGrid, default_run_config, server_context
 from server_app import app as server_app
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from fedhlm_app import features
-from fedhlm_app.features import EncoderSpec, FeatureStore, featurize, store_folder, text_keys
+from fedhlm_app.slm import features
+from fedhlm_app.slm.features import EncoderSpec, FeatureStore, featurize, store_folder, text_keys
 
 TEXTS = ["Stocks rally as oil falls", "Team wins the cup final", "New chip doubles battery life", "Talks resume in Geneva"]
 
@@ -86,7 +86,7 @@ def test_bert_base_sized_model_runs_the_whole_app(tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from client_app import app as client_app
-    from fedhlm_app.launch import BUNDLED_DATA
+    from fedhlm_app.tools.launch import BUNDLED_DATA
     from helpers import LocalGrid, default_run_config, server_context
     from server_app import app as server_app
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fedhlm_app.features import EncoderSpec, featurize
-from fedhlm_app.finetune import EncoderTuner, TuningConfig, length_bucketed_batches
+from fedhlm_app.slm.features import EncoderSpec, featurize
+from fedhlm_app.slm.finetune import EncoderTuner, TuningConfig, length_bucketed_batches
 
 TEXTS = ["stocks rally on wall street", "oil prices climb again", "the team wins the cup final",
          "striker scores twice in derby", "shares fall as profits slump", "coach praises young squad"] * 4

@@ -11,7 +11,7 @@ def test_smoke_preset_finishes_completed(tmp_path):
     results_dir, flwr_home = tmp_path / "results", tmp_path / "flwr_home"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "fedhlm_app.launch", "conf/smoke.toml", "--flwr-home", str(flwr_home),
+            sys.executable, "-m", "fedhlm_app.tools.launch", "conf/smoke.toml", "--flwr-home", str(flwr_home),
             "-c", f"results-dir='{results_dir}' cache-dir='{tmp_path / 'cache'}' run-name='ci-smoke'",
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=900,

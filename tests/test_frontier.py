@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from fedhlm_app import evaluation as ev
-from fedhlm_app.frontier import fit_temperature, frontier_row
-from fedhlm_app.uncertainty import with_temperature
+from fedhlm_app.reporting import evaluation as ev
+from fedhlm_app.reporting.frontier import fit_temperature, frontier_row
+from fedhlm_app.slm.uncertainty import with_temperature
 
 
 def test_auroc_is_one_for_a_perfect_detector_half_for_ties_and_matches_pair_counting():

@@ -4,8 +4,8 @@ n-gram channel buy."""
 import numpy as np
 import pytest
 
-from fedhlm_app.head import HeadConfig, HeadInputs, SoftmaxHead
-from fedhlm_app.ngrams import NgramBags
+from fedhlm_app.slm.head import HeadConfig, HeadInputs, SoftmaxHead
+from fedhlm_app.slm.ngrams import NgramBags
 
 WORDS = "stocks rally oil team wins cup chip launch vote senate".split()
 

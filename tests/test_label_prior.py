@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedhlm_app.label_prior import label_counts, likelier_prior, prior_of, shift_prior
+from fedhlm_app.slm.label_prior import label_counts, likelier_prior, prior_of, shift_prior
 
 
 def _posterior(x: np.ndarray, means: np.ndarray, prior: np.ndarray) -> np.ndarray:

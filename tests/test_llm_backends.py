@@ -9,9 +9,9 @@ import pytest
 
 from helpers import default_run_config
 from fedhlm_app.config import ConfigError, validate
-from fedhlm_app.data import load_local
-from fedhlm_app.launch import BUNDLED_DATA
-from fedhlm_app.oracle import EscalationBatch, is_distribution, make_oracle, verify_safely
+from fedhlm_app.data.datasets import load_local
+from fedhlm_app.tools.launch import BUNDLED_DATA
+from fedhlm_app.oracle.base import EscalationBatch, is_distribution, make_oracle, verify_safely
 
 N_ITEMS = 6
 
@@ -32,7 +32,7 @@ def _batch(dataset, n=N_ITEMS):
 
 @pytest.fixture(scope="module")
 def smollm2_folder(tmp_path_factory):
-    from fedhlm_app.llm.causal_lm import export_hf_folder
+    from fedhlm_app.oracle.causal_lm import export_hf_folder
 
     return export_hf_folder("smollm2", tmp_path_factory.mktemp("smollm2-hf"))
 
@@ -40,7 +40,7 @@ def smollm2_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def chat_server(smollm2_folder, tmp_path_factory):
     """`transformers serve` on loopback with SmolLM2: a real OpenAI-compatible server."""
-    from fedhlm_app.llm.causal_lm import serve_openai_compatible
+    from fedhlm_app.oracle.causal_lm import serve_openai_compatible
 
     proc, url = serve_openai_compatible(smollm2_folder, tmp_path_factory.mktemp("serve") / "serve.log")
     yield url
@@ -80,7 +80,7 @@ def test_causal_lm_backend_gives_a_soft_distribution_over_labels(dataset, tmp_pa
     assert np.all(q.max(axis=1) < 1.0)  # a real softmax, not a label
     assert np.allclose(oracle.compute(dataset.test.texts[:2]), q[:2], atol=1e-6)  # deterministic
     # cached on disk: a fresh store over the same folder answers without the model
-    from fedhlm_app.features import FeatureStore
+    from fedhlm_app.slm.features import FeatureStore
 
     oracle.store = FeatureStore(oracle.store.folder)
     oracle.compute = lambda texts: pytest.fail("recomputed a cached answer")
@@ -94,7 +94,7 @@ def test_causal_lm_rejects_an_unknown_model_before_loading(dataset, tmp_path):
 
 @pytest.fixture(scope="module")
 def minilm_classifier(tmp_path_factory):
-    from fedhlm_app.llm.train_classifier import main
+    from fedhlm_app.oracle.train_classifier import main
 
     out = tmp_path_factory.mktemp("clf") / "cloud-minilm"
     assert main(["--base", "minilm", "--out", str(out), "--max-train-items", "96", "--eval-items", "32",
@@ -114,7 +114,7 @@ def test_train_classifier_writes_a_checkpoint_the_classifier_backend_serves(mini
 
 
 def test_train_classifier_refuses_to_overwrite_and_bad_checkpoints_fail_early(minilm_classifier, dataset, tmp_path):
-    from fedhlm_app.llm.train_classifier import main
+    from fedhlm_app.oracle.train_classifier import main
 
     with pytest.raises(SystemExit):
         main(["--base", "minilm", "--out", str(minilm_classifier)])  # exists: needs --overwrite

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from fedhlm_app.ngrams import NgramBags, ngram_buckets
+from fedhlm_app.slm.ngrams import NgramBags, ngram_buckets
 
 TEXTS = ["Oil prices rise as OPEC meets", "Red Sox win the World Series", "", "oil oil OIL"]
 
@@ -21,7 +21,7 @@ def _dense(bags: NgramBags) -> np.ndarray:
 
 def test_every_process_hashes_an_ngram_to_the_same_bucket():
     # Clients run in separate processes: str hash() would differ between them (PYTHONHASHSEED).
-    code = "from fedhlm_app.ngrams import ngram_buckets; print(ngram_buckets('Oil prices rise', 4096))"
+    code = "from fedhlm_app.slm.ngrams import ngram_buckets; print(ngram_buckets('Oil prices rise', 4096))"
     outputs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from fedhlm_app.data import Split
-from fedhlm_app.llm.prompts import LabelPrompt, few_shot_examples
-from fedhlm_app.llm.wire import (
+from fedhlm_app.data.datasets import Split
+from fedhlm_app.oracle.prompts import LabelPrompt, few_shot_examples
+from fedhlm_app.oracle.wire import (
     WireError, parse_distribution_reply, parse_verify_reply, parse_verify_request, verify_reply, verify_request,
 )
-from fedhlm_app.oracle import EscalationBatch, Oracle, OracleError, verify_safely
+from fedhlm_app.oracle.base import EscalationBatch, Oracle, OracleError, verify_safely
 
 C = 4
 

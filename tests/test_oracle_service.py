@@ -14,12 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from fedhlm_app.launch import BUNDLED_DATA
-from fedhlm_app.data import load_local
-from fedhlm_app.llm.http import JSONClient
-from fedhlm_app.llm.remote import RemoteOracle
-from fedhlm_app.llm.service import OracleService
-from fedhlm_app.oracle import EscalationBatch, LabelsOracle, Oracle, OracleError, verify_safely
+from fedhlm_app.tools.launch import BUNDLED_DATA
+from fedhlm_app.data.datasets import load_local
+from fedhlm_app.oracle.http import JSONClient
+from fedhlm_app.oracle.remote import RemoteOracle
+from fedhlm_app.oracle.service import OracleService
+from fedhlm_app.oracle.base import EscalationBatch, LabelsOracle, Oracle, OracleError, verify_safely
 
 TOKEN = "s3cret"
 
@@ -225,11 +225,11 @@ def test_the_service_command_starts_serves_and_stops(tmp_path):
     import sys
     import urllib.request
 
-    from fedhlm_app.launch import free_port
+    from fedhlm_app.tools.launch import free_port
 
     port = free_port()
     env = {**os.environ, "FEDHLM_ORACLE_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "fedhlm_app.llm.service", "--backend", "labels", "--port", str(port), "-c", "seed=3"]
+    cmd = [sys.executable, "-m", "fedhlm_app.oracle.service", "--backend", "labels", "--port", str(port), "-c", "seed=3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
         banner = proc.stdout.readline()
@@ -244,8 +244,8 @@ def test_the_service_command_starts_serves_and_stops(tmp_path):
 
 
 def test_https_service_is_trusted_through_its_ca_only(tmp_path, dataset, monkeypatch):
-    from fedhlm_app.deploy.credentials import write_tls
-    from fedhlm_app.llm.service import server_tls
+    from fedhlm_app.tools.deploy.credentials import write_tls
+    from fedhlm_app.oracle.service import server_tls
 
     write_tls(tmp_path, ["127.0.0.1"])
     server = _serve(OracleService(("127.0.0.1", 0), LabelsOracle(dataset, 0), "labels", dataset.class_names, token=TOKEN,
@@ -270,6 +270,6 @@ def test_the_service_refuses_to_serve_beyond_loopback_without_a_token():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "FEDHLM_ORACLE_TOKEN"}
-    proc = subprocess.run([sys.executable, "-m", "fedhlm_app.llm.service", "--host", "0.0.0.0", "--port", "1"],
+    proc = subprocess.run([sys.executable, "-m", "fedhlm_app.oracle.service", "--host", "0.0.0.0", "--port", "1"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2 and "set FEDHLM_ORACLE_TOKEN to serve on 0.0.0.0" in proc.stderr

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from fedhlm_app.ledger import Ledger
-from fedhlm_app.p2p import (
+from fedhlm_app.reporting.ledger import Ledger
+from fedhlm_app.routing.p2p import (
     ClassSums, PeerCoordinator, neighbours, peer_accepts, resolve, wilson_interval, worth_trying,
 )
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedhlm_app.partition import cluster_of_partition, partition_clients, split_like
+from fedhlm_app.data.partition import cluster_of_partition, partition_clients, split_like
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_dirichlet_split_is_draw_for_draw_flwr_datasets(num_partitions, alpha, s
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner
 
-    from fedhlm_app.partition import dirichlet_train_partition
+    from fedhlm_app.data.partition import dirichlet_train_partition
 
     train = np.random.default_rng(1).integers(0, 4, size=5000)
     reference = DirichletPartitioner(num_partitions, "label", alpha, min_partition_size=10, self_balancing=True, seed=seed)
@@ -62,7 +62,7 @@ def test_dirichlet_split_is_draw_for_draw_flwr_datasets(num_partitions, alpha, s
 
 
 def test_impossible_min_partition_size_is_a_clear_error():
-    from fedhlm_app.partition import dirichlet_train_partition
+    from fedhlm_app.data.partition import dirichlet_train_partition
 
     with pytest.raises(ValueError, match="min-partition-size"):
         dirichlet_train_partition(np.zeros(100, dtype=int), 20, 0.5, 0, 50)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from client_app import app as client_app
-from fedhlm_app import checkpoint
+from fedhlm_app.app import checkpoint
 from fedhlm_app.config import ConfigError, validate
-from fedhlm_app.launch import BUNDLED_DATA
+from fedhlm_app.tools.launch import BUNDLED_DATA
 from helpers import LocalGrid, default_run_config, server_context
 from server_app import app as server_app
 
@@ -105,7 +105,7 @@ def test_resume_needs_a_run_name(tmp_path, tiny_bert):
 
 
 def test_a_run_resumed_after_fine_tuning_reinstalls_the_encoder_instead_of_training_it_again(tmp_path, tiny_bert):
-    from fedhlm_app.finetune import arrays_digest
+    from fedhlm_app.slm.finetune import arrays_digest
 
     tuning = {"encoder-rounds": 2, "encoder-layers": 1, "encoder-steps": 2, "encoder-batch-size": 8, "threshold-rounds": 3}
     broken = _config(tmp_path, tiny_bert, "broken-ft", **tuning)

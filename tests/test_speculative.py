@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedhlm_app.speculative import rejection_probability, residual_distribution, verify
+from fedhlm_app.routing.speculative import rejection_probability, residual_distribution, verify
 
 
 def test_agreement_is_never_rejected():

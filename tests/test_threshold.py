@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedhlm_app.threshold import ThresholdConfig, exploration_mask, gradient, local_update, loss, personalize
+from fedhlm_app.routing.threshold import ThresholdConfig, exploration_mask, gradient, local_update, loss, personalize
 
 
 @pytest.mark.parametrize("tau", [0.1, 0.35, 0.5, 0.8])

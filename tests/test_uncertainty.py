@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedhlm_app.uncertainty import MEASURES, get_measure, normalized_entropy
+from fedhlm_app.slm.uncertainty import MEASURES, get_measure, normalized_entropy
 
 
 def test_entropy_is_zero_for_one_hot_and_one_for_uniform():
@@ -33,7 +33,7 @@ def test_unknown_measure_is_named():
 def test_temperature_perturbation_is_the_expected_disagreement_of_sampled_tokens():
     # U-HLM samples K tokens at temperatures theta_k and counts those that differ from the draft;
     # the measure is that count's expectation, so a large Monte Carlo sample must agree with it.
-    from fedhlm_app.uncertainty import PERTURBATION_TEMPERATURES, temperature_perturbation, with_temperature
+    from fedhlm_app.slm.uncertainty import PERTURBATION_TEMPERATURES, temperature_perturbation, with_temperature
 
     p = np.array([[0.6, 0.3, 0.1]])
     rng = np.random.default_rng(0)

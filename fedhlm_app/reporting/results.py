@@ -1,0 +1,408 @@
+"""Results: ``results.json``, a threshold plot, a Markdown summary, a stdout table.
+
+Everything a run measured is reduced here from the per-client evaluation
+replies, so the numbers in the JSON, the summary and the table agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhlm_app.reporting.ledger import Ledger
+from fedhlm_app.routing.p2p import TIERS, PeerCoordinator, wilson_interval
+
+RESULTS_DIR_ENV = "FEDHLM_RESULTS_DIR"
+POLICY_TITLES = {
+    "fedhlm": "FedHLM (learned thresholds)",
+    "fedhlm_no_p2p": "FedHLM without P2P",
+    "slm_only": "SLM only",
+    "static_threshold": "static threshold",
+    "cloud_only": "cloud only (every item to the LLM)",
+}
+
+
+def _config_value(key: str, value: Any) -> Any:
+    """A config value as results.json shows it: secrets redacted, infinity as a string."""
+    if key == "oracle-api-key" and value:
+        return "(redacted)"
+    return str(value) if isinstance(value, float) and value == float("inf") else value
+
+
+def _oracle_block(
+    cfg: dict[str, Any], failures: list[dict[str, Any]], training_items: int, policies: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    """Which oracle answered, and every batch it did not (fully) answer."""
+    asked = training_items + sum(p["llm_items"] for p in policies.values())
+    failed = sum(f["items"] for f in failures)
+    return {
+        "backend": cfg["oracle"],
+        "oracle_failures": failed,  # items that kept the SLM draft because the oracle did not answer
+        "items_asked": asked,
+        "failure_rate": failed / asked if asked else 0.0,
+        "failed_batches": failures,
+    }
+
+
+def _oracle_warning(oracle: dict[str, Any]) -> list[str]:
+    """Summary lines that make an oracle outage impossible to miss."""
+    if not oracle["oracle_failures"]:
+        return []
+    causes = sorted({f["cause"] for f in oracle["failed_batches"]})
+    head = (
+        "**WARNING: the oracle never answered.** Every escalated item kept its SLM draft: the accuracies "
+        "below are the SLM's, and the thresholds learned nothing from LLM feedback."
+        if oracle["oracle_failures"] >= oracle["items_asked"]
+        else f"**WARNING: the oracle did not answer {oracle['oracle_failures']} of {oracle['items_asked']} items** "
+        "(they kept their SLM draft)."
+    )
+    return [head, "", *[f"- cause: {c}" for c in causes[:5]], ""]
+
+
+def _log(msg: str, *args: Any) -> None:
+    from flwr.common import log  # the Flower logger, so lines interleave with Flower's
+
+    log(INFO, msg, *args)
+
+
+def resolve_results_dir(configured: str) -> Path:
+    value = configured or os.environ.get(RESULTS_DIR_ENV, "") or "results"
+    return Path(value).expanduser().resolve()
+
+
+def policy_summary(per_client: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Totals over clients: accuracy, LLM rate, local rate, SLM accuracy."""
+    n = sum(c["num-examples"] for c in per_client.values())
+    total = lambda key: sum(c[key] for c in per_client.values())  # noqa: E731
+    if n == 0:
+        return {"accuracy": 0.0, "llm_rate": 0.0, "local_rate": 0.0, "num_items": 0}
+    p2p = total("p2p-own") + total("p2p-neighbour")
+    return {
+        "accuracy": total("correct") / n,
+        "llm_rate": total("escalated") / n,
+        "local_rate": (n - total("escalated") - p2p) / n,
+        "p2p_rate": p2p / n,
+        "slm_accuracy": total("slm-correct") / n,
+        "llm_items": int(total("escalated")),
+        "oracle_failed_items": int(total("oracle-failed")),
+        "num_items": int(n),
+    }
+
+
+def p2p_summary(per_client: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """Peer answers: share by tier, hit rate among attempts, false reuse with a Wilson 95% CI."""
+    total = lambda key, rows=per_client.values(): sum(c[key] for c in rows)  # noqa: E731
+    n = total("num-examples")
+    peer = int(total("p2p-own") + total("p2p-neighbour"))
+    wrong = int(total("p2p-wrong"))
+    # Attempts: uncertain items of clients whose cluster tried peers first.
+    attempts = int(sum(c["escalated"] + c["p2p-own"] + c["p2p-neighbour"] for c in per_client.values() if c["try-p2p"]))
+    skipped = int(sum(c["escalated"] for c in per_client.values() if not c["try-p2p"]))
+    lo, hi = wilson_interval(wrong, peer)
+    counts = {
+        "local": n - total("escalated") - peer, "p2p-own-cluster": total("p2p-own"),
+        "p2p-neighbour": total("p2p-neighbour"), "llm": total("escalated"),
+    }
+    return {
+        "tiers": {t: counts[t] / n if n else 0.0 for t in TIERS},
+        "attempts": attempts,
+        "hits": peer,
+        "hit_rate": peer / attempts if attempts else 0.0,
+        "false_reuse": wrong,
+        "false_reuse_rate": wrong / peer if peer else 0.0,
+        "false_reuse_ci95": [lo, hi],
+        "skipped_items": skipped,
+    }
+
+
+def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` to a temporary name, then rename: readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # same suffix: np.savez and savefig keep the name
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n"))
+
+
+def plot_thresholds(rounds: list[dict[str, Any]], path: Path) -> None:
+    """Global and per-cluster threshold per round, with the local loss and escalation rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [r["round"] for r in rounds]
+    for cluster in sorted({c for r in rounds for c in r["tau_clusters"]}, key=int):
+        ax.plot(xs, [r["tau_clusters"].get(cluster) for r in rounds], lw=1, alpha=0.7, label=f"cluster {cluster}")
+    ax.plot(xs, [r["tau_global"] for r in rounds], "k-", lw=2.5, label="global")
+    ax.set_xlabel("threshold round")
+    ax.set_ylabel("threshold tau (normalized entropy)")
+    loss_ax = ax.twinx()
+    # The loss is taken over the items with LLM feedback so far, a set that grows as tau falls.
+    loss_ax.plot(xs, [r["loss"] for r in rounds], "r--", lw=1, label="mean local loss (items with feedback)")
+    loss_ax.plot(xs, [r["escalation_rate"] for r in rounds], "b:", lw=1, label="calibration escalation rate")
+    loss_ax.set_ylabel("local loss / escalation rate")
+    lines = ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + loss_ax.get_legend_handles_labels()[1]
+    ax.legend(lines, labels, fontsize=8, loc="best")
+    ax.set_title("FedHLM threshold learning")
+    fig.tight_layout()
+    _write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+
+
+def _p2p_block(
+    cfg: dict[str, Any],
+    evaluation: dict[str, dict[int, dict[str, float]]],
+    info: dict[int, dict[str, Any]],
+    policies: dict[str, dict[str, float]],
+    llm_bytes: dict[str, int],
+    peers: PeerCoordinator | None,
+    overall: dict[str, Any],
+) -> dict[str, Any]:
+    """P2P outcomes overall and per cluster, and FedHLM with vs without P2P on the same items."""
+    if peers is None:
+        return {"enabled": False}
+    ours = evaluation["fedhlm"]
+    per_cluster = {}
+    for cluster in sorted({int(i["cluster-id"]) for i in info.values()}):
+        members = {n: row for n, row in ours.items() if int(info[n]["cluster-id"]) == cluster}
+        stats = peers.stats.get(cluster)
+        per_cluster[str(cluster)] = {
+            **p2p_summary(members),
+            "tried": peers.enabled(cluster),
+            "training_hit_rate_estimate": stats.hit_rate() if stats else None,
+            "training_attempts": stats.attempts if stats else 0,
+            "training_false_hits": stats.false_hits if stats else 0,
+        }
+    with_p2p, without = policies["fedhlm"], policies["fedhlm_no_p2p"]
+    return {
+        "enabled": True,
+        **overall,
+        "per_cluster": per_cluster,
+        "cost_ratio": cfg["p2p-cost"] / cfg["llm-cost"],
+        "with_vs_without": {
+            "with_p2p": {"accuracy": with_p2p["accuracy"], "llm_rate": with_p2p["llm_rate"], "llm_bytes": llm_bytes["fedhlm"]},
+            "without_p2p": {"accuracy": without["accuracy"], "llm_rate": without["llm_rate"], "llm_bytes": llm_bytes["fedhlm_no_p2p"]},
+            "llm_rate_saved": without["llm_rate"] - with_p2p["llm_rate"],
+            "accuracy_cost": without["accuracy"] - with_p2p["accuracy"],
+        },
+    }
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n}"
+
+
+def summary_table(policies: dict[str, dict[str, float]], llm_bytes: dict[str, int]) -> list[str]:
+    rows = ["| policy | accuracy | LLM rate | local rate | P2P rate | bytes to LLM |", "|---|---|---|---|---|---|"]
+    for name, s in policies.items():
+        rows.append(
+            f"| {POLICY_TITLES.get(name, name)} | {s['accuracy']:.4f} | {s['llm_rate']:.4f} | "
+            f"{s['local_rate']:.4f} | {s['p2p_rate']:.4f} | {_fmt_bytes(llm_bytes.get(name, 0))} |"
+        )
+    return rows
+
+
+def _dropouts(info: dict[int, dict[str, Any]], dropped: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Nodes that left the run: who (cluster, partition), in which phase, why."""
+    return [
+        {
+            "node_id": node,
+            "cluster": int(info[node]["cluster-id"]) if node in info else None,  # None: left during setup
+            "partition_id": int(info[node]["partition-id"]) if node in info else None,
+            "phase": where["phase"],
+            "round": where["round"],
+            "reason": where["reason"],
+        }
+        for node, where in sorted(dropped.items())
+    ]
+
+
+def _dropout_lines(dropouts: list[dict[str, Any]], started: int) -> list[str]:
+    if not dropouts:
+        return []
+    who = ", ".join(f"node {d['node_id']} (cluster {d['cluster']}) in {d['phase']}" for d in dropouts)
+    return [f"- **{len(dropouts)} of {started} clients dropped out**: {who}; the results cover the remaining clients."]
+
+
+def write_report(
+    *,
+    cfg: dict[str, Any],
+    dataset_source: str,
+    class_names: list[str],
+    info: dict[int, dict[str, Any]],
+    evaluation: dict[str, dict[int, dict[str, float]]],
+    rounds: list[dict[str, Any]],
+    head_rounds: list[dict[str, Any]],
+    ledger: Ledger,
+    training_escalations: int,
+    failures: list[dict[str, Any]],
+    timings: dict[str, float],
+    dropped: dict[int, dict[str, Any]] | None = None,
+    rejected: list[dict[str, Any]] | None = None,
+    oracle_failures: list[dict[str, Any]] | None = None,
+    peers: PeerCoordinator | None = None,
+    head_params: list[np.ndarray] | None = None,
+    started_epoch: float | None = None,
+    encoder_rounds: list[dict[str, Any]] | None = None,
+    encoder_params: list[np.ndarray] | None = None,
+) -> Path:
+    """Write results.json, thresholds.png and summary.md; point ``latest`` at them."""
+    run_name = cfg["run-name"] or time.strftime("%Y%m%d-%H%M%S")
+    root = resolve_results_dir(cfg["results-dir"])
+    out = root / run_name
+    out.mkdir(parents=True, exist_ok=True)
+
+    policies = {name: policy_summary(per_client) for name, per_client in evaluation.items()}
+    ours = policies["fedhlm"]
+    ours_p2p = p2p_summary(evaluation["fedhlm"])
+    cloud_rate = policies["cloud_only"]["llm_rate"] or 1.0
+    llm_bytes = {name: ledger.total(f"inference:{name}", "client->llm") for name in policies}
+    clients = []
+    for node, row in sorted(evaluation["fedhlm"].items(), key=lambda kv: info[kv[0]]["partition-id"]):
+        n = row["num-examples"] or 1
+        clients.append(
+            {
+                "node_id": node,
+                "partition_id": int(info[node]["partition-id"]),
+                "cluster": int(info[node]["cluster-id"]),
+                "tau": row["tau"],
+                "num_test": int(row["num-examples"]),
+                "num_calibration": int(info[node]["n-calibration"]),
+                "num_fit": int(info[node]["n-fit"]),
+                "accuracy": row["correct"] / n,
+                "slm_accuracy": row["slm-correct"] / n,
+                "llm_rate": row["escalated"] / n,
+                "local_rate": 1 - row["escalated"] / n,
+                "own_label_prior": bool(row["queries-own-prior"]),  # its queries were re-weighted to its label mix
+            }
+        )
+    clusters = {}
+    for cluster in sorted({c["cluster"] for c in clients}):
+        members = {node: evaluation["fedhlm"][node] for node in evaluation["fedhlm"] if int(info[node]["cluster-id"]) == cluster}
+        clusters[str(cluster)] = {**policy_summary(members), "clients": len(members)}
+    results = {
+        "run_name": run_name,
+        "accuracy": ours["accuracy"],
+        "llm_rate": ours["llm_rate"],
+        "llm_reduction": 1.0 - ours["llm_rate"] / cloud_rate,
+        "local_rate": ours["local_rate"],
+        "p2p_rate": ours["p2p_rate"],
+        "tiers": ours_p2p["tiers"],
+        "num_test_items": ours["num_items"],
+        "final_threshold": rounds[-1]["tau_global"] if rounds else cfg["tau-init"],
+        "baselines": {
+            "slm_only": policies["slm_only"],
+            "cloud_only": policies["cloud_only"],
+            "static_threshold": {**policies["static_threshold"], "tau": cfg["static-threshold"]},
+        },
+        "thresholds": {
+            "global": [r["tau_global"] for r in rounds],
+            "clusters": {c: [r["tau_clusters"].get(c) for r in rounds] for c in sorted({c for r in rounds for c in r["tau_clusters"]}, key=int)},
+            "rounds": rounds,
+        },
+        "p2p": _p2p_block(cfg, evaluation, info, policies, llm_bytes, peers, ours_p2p),
+        "head_rounds": head_rounds,
+        "encoder_rounds": encoder_rounds or [],
+        "training": {
+            "llm_items": training_escalations,
+            "calibration_items": int(sum(i["n-calibration"] for i in info.values())),
+        },
+        "clients": clients,
+        "clients_with_own_label_prior": sum(c["own_label_prior"] for c in clients),
+        "clusters": clusters,
+        "communication": {
+            "by_phase_and_link": ledger.to_dict(),
+            "training_bytes": sum(ledger.total(phase) for phase in ("setup", "encoder", "head", "threshold")),
+            "training_llm_bytes": ledger.total("threshold", "client->llm") + ledger.total("threshold", "llm->client"),
+            "inference_llm_bytes": {name: llm_bytes[name] for name in policies},
+            "p2p_bytes": ledger.total("p2p"),
+        },
+        "failures": failures,
+        "dropouts": _dropouts(info, dropped or {}),
+        "rejected_updates": rejected or [],  # invalid updates dropped before aggregation
+        "oracle": _oracle_block(cfg, oracle_failures or [], training_escalations, policies),
+        "dataset": {"source": dataset_source, "classes": class_names},
+        "wall_time_s": timings["total"],
+        "timings_s": timings,
+        "started_epoch": started_epoch,  # when the ServerApp started (Unix time), for bench/main_job.py
+        "config": {k: _config_value(k, v) for k, v in cfg.items()},
+    }
+    _write_json(out / "results.json", results)
+    if head_params is not None:
+        # The learned model: the global head, the fine-tuned encoder layers (if any) and each
+        # client's threshold (for later analysis).
+        _write_atomically(out / "model.npz", lambda tmp: np.savez(
+            tmp, **{f"head_{i}": p for i, p in enumerate(head_params)},
+            **{f"encoder_{i}": p for i, p in enumerate(encoder_params or [])},
+            partition_ids=np.array([c["partition_id"] for c in clients]), taus=np.array([c["tau"] for c in clients]),
+            clusters=np.array([c["cluster"] for c in clients]),
+        ))
+    if rounds:
+        plot_thresholds(rounds, out / "thresholds.png")
+
+    table = summary_table(policies, llm_bytes)
+    lines = [
+        f"# FedHLM run `{run_name}`",
+        "",
+        *_oracle_warning(results["oracle"]),
+        f"{len(clients)} clients in {len(clusters)} clusters, Dirichlet alpha {cfg['dirichlet-alpha']}, "
+        f"{len(rounds)} threshold rounds, strategy `{cfg['strategy']}`, oracle `{cfg['oracle']}`, "
+        f"SLM `{cfg['slm-model']}`, data `{dataset_source}`.",
+        "",
+        *table,
+        "",
+        f"- LLM transmissions cut by {results['llm_reduction']:.1%} against cloud-only; "
+        f"final global threshold {results['final_threshold']:.4f}.",
+        *(
+            [
+                f"- P2P: {results['p2p']['hits']} of {results['p2p']['attempts']} uncertain items answered by peers "
+                f"(false reuse {results['p2p']['false_reuse_rate']:.1%}, 95% CI "
+                f"{results['p2p']['false_reuse_ci95'][0]:.1%}-{results['p2p']['false_reuse_ci95'][1]:.1%}); "
+                f"prototype traffic {_fmt_bytes(results['communication']['p2p_bytes'])}."
+            ]
+            if results["p2p"]["enabled"]
+            else []
+        ),
+        *_dropout_lines(results["dropouts"], len(set(info) | set(dropped or {}))),  # setup skips are not in info
+        *(
+            [f"- **{len(results['rejected_updates'])} invalid client updates rejected before aggregation** "
+             "(`rejected_updates` in results.json names node, round and reason)."]
+            if results["rejected_updates"]
+            else []
+        ),
+        f"- Training-time LLM items: {training_escalations} "
+        f"({_fmt_bytes(results['communication']['training_llm_bytes'])} to and from the LLM).",
+        f"- Wall time {timings['total']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if k != "total") + ").",
+        "",
+        "![thresholds](thresholds.png)" if rounds else "",
+    ]
+    _write_atomically(out / "summary.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+
+    latest = root / "latest"
+    tmp_link = root / f".latest-{os.getpid()}"
+    if tmp_link.is_symlink():
+        tmp_link.unlink()
+    tmp_link.symlink_to(run_name, target_is_directory=True)
+    os.replace(tmp_link, latest)
+
+    _log("FedHLM results (%d test items, written to %s):", ours["num_items"], out)
+    for row in table:
+        _log("%s", row)
+    _log("LLM reduction %.2f%%, wall time %.1f s", 100 * results["llm_reduction"], timings["total"])
+    return out

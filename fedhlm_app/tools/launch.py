@@ -1,0 +1,248 @@
+"""Launch a FedHLM simulation with ``flwr run`` on a self-managed local SuperLink.
+
+    python -m fedhlm_app.tools.launch conf/paper.toml [-c "key=value ..."]
+
+What it does, in order:
+
+1. merges the run config (pyproject defaults < preset files < ``-c`` overrides),
+   fills in absolute paths for data, results and the feature cache, and
+   validates it, so a bad value stops here, before Ray or any model starts;
+2. starts ``flower-superlink --simulation`` on a free loopback port with an
+   isolated ``FLWR_HOME`` (Flower's own managed SuperLink would linger);
+3. runs ``flwr run --stream`` with one SuperNode per configured client, on a
+   staged copy of just the app's files: ``flwr run`` walks and resolves every
+   file under the app folder before filtering, and in the project folder that
+   includes the virtual environment (7 s of every launch);
+4. checks the run status with ``flwr ls`` (``flwr run`` exits 0 even when the
+   app failed) and exits non-zero unless it is ``finished:completed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from fedhlm_app.config import ConfigError, validate
+from fedhlm_app.data.datasets import DATA_DIR_ENV, DataError, load_local, resolve_data_dir
+from fedhlm_app.slm.features import resolve_model_path
+from fedhlm_app.data.partition import configured_partitions
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLED_DATA = ROOT / "data" / "ag_news"
+
+
+def merged_config(presets: list[str], overrides: list[str]) -> dict[str, Any]:
+    """pyproject defaults, then each preset file, then each ``k=v`` override string."""
+    cfg = dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    for preset in presets:
+        path = Path(preset)
+        if not path.is_file():
+            raise ConfigError(f"run-config file '{preset}' not found")
+        cfg.update(tomllib.loads(path.read_text()))
+    for text in overrides:
+        for pair in shlex.split(text, posix=False):  # keeps the quotes TOML needs
+            try:
+                cfg.update(tomllib.loads(pair))
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"override '{pair}' is not TOML 'key=value' ({exc}); quote strings: key='text'") from exc
+    return cfg
+
+
+def with_default_paths(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Absolute paths (the ServerApp runs in the SuperLink's cwd, the ClientApps in Ray workers)."""
+    out = dict(cfg)
+    if not out["data-dir"]:
+        out["data-dir"] = os.environ.get(DATA_DIR_ENV, "") or str(BUNDLED_DATA)
+    out["data-dir"] = str(Path(out["data-dir"]).expanduser().resolve())
+    out["results-dir"] = str(Path(out["results-dir"] or ROOT / "results").expanduser().resolve())
+    out["cache-dir"] = str(Path(out["cache-dir"] or ROOT / ".cache" / "features").expanduser().resolve())
+    return out
+
+
+def check_local_data(cfg: dict[str, Any]) -> None:
+    """Read the local CSVs and partition them once, so a broken dataset or an impossible
+    partition (``min-partition-size``) fails before Ray starts, not in every client."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in {"", "0"}
+    if cfg["data-source"] == "local" or (cfg["data-source"] == "auto" and offline):
+        ds = load_local(resolve_data_dir(cfg["data-dir"]), cfg["train-file"], cfg["test-file"])
+        ds = ds.truncated(cfg["max-train-items"], cfg["max-test-items"], cfg["seed"])
+        try:
+            configured_partitions(ds.train.labels, ds.test.labels, cfg["num-clients"], cfg)
+        except ValueError as exc:
+            raise DataError(str(exc)) from exc
+
+
+def check_model(cfg: dict[str, Any]) -> None:
+    """The SLM exists (and has the layers fine-tuning asks for) before Ray starts."""
+    try:
+        path = Path(resolve_model_path(cfg["slm-model"]))
+    except FileNotFoundError as exc:  # a packaged model whose wheels are missing
+        raise ConfigError(str(exc)) from exc
+    config_file = path / "config.json"
+    if cfg["encoder-rounds"] and config_file.is_file():
+        layers = int(json.loads(config_file.read_text()).get("num_hidden_layers", 0))
+        if cfg["encoder-layers"] > layers:
+            raise ConfigError(f"encoder-layers = {cfg['encoder-layers']}, but '{cfg['slm-model']}' has {layers} layers")
+
+
+APP_FILES = ("pyproject.toml", "server_app.py", "client_app.py", "fedhlm_app/**/*.py")
+
+
+def stage_app(dest: Path) -> Path:
+    """A fresh copy of what the Flower App Bundle needs (code and pyproject), in ``dest``."""
+    shutil.rmtree(dest, ignore_errors=True)
+    for pattern in APP_FILES:
+        for src in ROOT.glob(pattern):
+            (dest / src.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / src.relative_to(ROOT))
+    return dest
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_bin(name: str) -> str:
+    """A Flower command of this environment (its bin folder), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, float) and v == float("inf"):
+        return "inf"
+    return repr(v)
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of Flower processes: an isolated home, no phoning home, no runtime installs."""
+    return {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # The SuperLink and SuperNodes spawn flower-superexec, flwr-serverapp, flwr-clientapp from PATH.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None = None) -> None:
+    """``$FLWR_HOME/config.toml`` with one default SuperLink connection (insecure without a CA)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{security}\n'
+    )
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, what: str, log_path: Path, timeout: float = 60.0,
+                 context: ssl.SSLContext | None = None) -> None:
+    """Poll ``url`` until it answers; fail early when ``proc`` exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1, context=context)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start; see {log_path}") from None
+            time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """Terminate ``proc`` (SIGTERM), then kill it if it has not exited after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_app(cfg: dict[str, Any], app_dir: Path, connection: str, env: dict[str, str], extra: list[str] = ()) -> str:
+    """``flwr run --stream`` the staged app with exactly ``cfg``; return the run's final status.
+
+    ``flwr run`` exits 0 even when the app failed, so the status comes from ``flwr ls``.
+    """
+    # Every key is passed explicitly, so what runs is exactly the validated, merged config.
+    overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.items())
+    cmd = [flower_bin("flwr"), "run", str(stage_app(app_dir)), connection, "--stream", "--run-config", overrides, *extra]
+    run_started = time.monotonic()
+    subprocess.run(cmd, env=env, cwd=ROOT, check=False)
+    print(f"fedhlm: flwr run returned after {time.monotonic() - run_started:.1f} s", flush=True)
+    listing = subprocess.run([flower_bin("flwr"), "ls", "--format", "json"], env=env, cwd=ROOT, capture_output=True, text=True)
+    runs = json.loads(listing.stdout or "{}").get("runs", [])
+    return str(runs[-1]["status"]) if runs else "unknown"
+
+
+def run_simulation(cfg: dict[str, Any], flwr_home: Path, cpus_per_client: int) -> str:
+    """Run the app on a fresh local SuperLink; return the final run status."""
+    port = free_port()
+    write_connection(flwr_home, "fedhlm-sim", f"127.0.0.1:{port}")
+    env = flower_env(flwr_home)
+    log_path = flwr_home / "superlink.log"
+    started = time.monotonic()
+    with open(log_path, "w") as log_file:
+        superlink = subprocess.Popen(
+            [flower_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
+             "--disable-runtime-dependency-installation"],
+            env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", superlink, "SuperLink", log_path)
+        print(f"fedhlm: SuperLink ready in {time.monotonic() - started:.1f} s", flush=True)
+        simulation = f"num-supernodes={cfg['num-clients']} client-resources-num-cpus={cpus_per_client}"
+        return run_app(cfg, flwr_home / "app", "fedhlm-sim", env, ["--federation-config", simulation])
+    finally:
+        stopping = time.monotonic()
+        stop(superlink)
+        print(f"fedhlm: SuperLink stopped in {time.monotonic() - stopping:.1f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("presets", nargs="*", help="run-config TOML files (conf/*.toml)")
+    parser.add_argument("-c", "--run-config", action="append", default=[], help="overrides: \"key=value key2='text'\"")
+    parser.add_argument("--flwr-home", default=str(ROOT / ".flwr_home"), help="isolated Flower home (default: .flwr_home)")
+    parser.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per ClientApp actor")
+    parser.add_argument("--check-only", action="store_true", help="validate the config and data, then exit")
+    args = parser.parse_args(argv)
+    try:
+        cfg = with_default_paths(merged_config(args.presets, args.run_config))
+        cfg = {**cfg, **{k: v for k, v in validate(cfg).items() if k in cfg}}
+        check_local_data(cfg)
+        check_model(cfg)
+    except (ConfigError, DataError) as exc:
+        print(f"fedhlm: {exc}", file=sys.stderr)
+        return 2
+    if args.check_only:
+        print("fedhlm: config and data OK")
+        return 0
+    status = run_simulation(cfg, Path(args.flwr_home).resolve(), args.cpus_per_client)
+    print(f"fedhlm: run status {status}")
+    return 0 if status == "finished:completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,7 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedhlm_app.config import validate  # noqa: E402
 from fedhlm_app.data.datasets import load_local  # noqa: E402
-from fedhlm_app.tools.launch import BUNDLED_DATA, merged_config, with_default_paths  # noqa: E402
+from fedhlm_app.paths import BUNDLED_DATA
+from fedhlm_app.tools.launch import merged_config, with_default_paths  # noqa: E402
 from fedhlm_app.oracle.base import EscalationBatch, LabelsOracle, is_distribution, make_oracle, verify_safely  # noqa: E402
 
 
@@ -64,15 +65,15 @@ def main() -> int:
             service = OracleService(("127.0.0.1", 0), LabelsOracle(data, 0), "labels", data.class_names)
             threading.Thread(target=service.serve_forever, daemon=True).start()
             cleanup.append(service.shutdown)
-            cfg["oracle-url"], label = service.url, "remote (labels behind the oracle service)"
+            cfg.oracle_url, label = service.url, "remote (labels behind the oracle service)"
         elif name == "classifier":
-            cfg["oracle-model"] = args.classifier
+            cfg.oracle_model = args.classifier
             record = Path(args.classifier) / "fedhlm_training.json"
             if record.is_file():
                 r = json.loads(record.read_text())
                 label = f"classifier ({r['base']} fine-tuned: {r['train_items']} texts, {r['epochs']} epoch)"
         elif name == "causal-lm":
-            cfg["oracle-model"], label = "smollm2", f"causal-lm (SmolLM2-135M-Instruct, {args.few_shot}-shot per class)"
+            cfg.oracle_model, label = "smollm2", f"causal-lm (SmolLM2-135M-Instruct, {args.few_shot}-shot per class)"
         elif name == "openai":
             from fedhlm_app.oracle.causal_lm import export_hf_folder, serve_openai_compatible
 

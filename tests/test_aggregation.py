@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-
-from fedhlm_app.fl.aggregation import ServerAdam, Update, flat, hierarchical, weighted_mean
-from fedhlm_app.app.protocol import arrays_record
-from fedhlm_app.fl.strategy import STRATEGIES, make_strategy
 from fedhlm_app import config
+from fedhlm_app.fl.aggregation import ServerAdam, Update, flat, hierarchical, weighted_mean
+from fedhlm_app.fl.strategy import STRATEGIES, NodeUpdate, make_aggregator
+from fedhlm_app.fl.updates import UpdateSpec
+from helpers import default_run_config
+
+ANY_TAU = UpdateSpec("threshold", ((1,),))  # one number, any value
 
 
 def _updates():
@@ -38,22 +39,27 @@ def test_weighted_mean_of_multi_layer_params():
         weighted_mean([], [])
 
 
-def _reply(node: int, tau: float, n: int) -> Message:
-    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train.threshold")
-    content = RecordDict({"arrays": arrays_record([np.array([tau])]), "metrics": MetricRecord({"num-examples": n, "loss": tau})})
-    return Message(content, reply_to=instruction)
+def _reply(node: int, tau: float, n: int) -> NodeUpdate:
+    return NodeUpdate(node, [np.array([tau])], {"num-examples": n, "loss": tau})
+
+
+def make_strategy(overrides: dict, cluster_of: dict[int, int]):
+    return make_aggregator(config.validate(default_run_config(**overrides)), cluster_of)
 
 
 def test_strategy_groups_replies_by_cluster():
     strategy = make_strategy({"strategy": "hierarchical-fedavg"}, {1: 0, 2: 0, 3: 1})
-    arrays, metrics = strategy.aggregate_train(1, [_reply(1, 0.2, 10), _reply(2, 0.4, 30), _reply(3, 0.8, 60)])
-    assert arrays.to_numpy_ndarrays()[0][0] == pytest.approx(0.35 * 0.4 + 0.8 * 0.6)
-    assert strategy.last.cluster_params[0][0][0] == pytest.approx(0.35)
-    assert metrics["num-examples"] == 100 and metrics["loss"] == pytest.approx(0.62)
+    result = strategy.aggregate(1, [_reply(1, 0.2, 10), _reply(2, 0.4, 30), _reply(3, 0.8, 60)], ANY_TAU)
+    assert result.aggregate.global_params[0][0] == pytest.approx(0.35 * 0.4 + 0.8 * 0.6)
+    assert result.aggregate.cluster_params[0][0][0] == pytest.approx(0.35)
+    assert result.metrics["num-examples"] == 100 and result.metrics["loss"] == pytest.approx(0.62)
 
 
-def test_strategy_names_match_config_schema():
-    assert set(STRATEGIES) == set(config.STRATEGIES)
+def test_config_accepts_exactly_the_registered_strategies():
+    for name in STRATEGIES:
+        assert config.validate(default_run_config(strategy=name)).strategy == name
+    with pytest.raises(config.ConfigError, match="strategy"):
+        config.validate(default_run_config(strategy="krum"))
 
 
 # cluster 0: five clients, one of them an outlier (tau 0.99); cluster 1: two clients
@@ -71,26 +77,25 @@ ROBUST_CLUSTERS = {1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 1, 7: 1}
 )
 def test_every_hierarchical_strategy_matches_a_hand_computation(name, cluster0, cluster1):
     strategy = make_strategy({"strategy": name, "trim-fraction": 0.2}, ROBUST_CLUSTERS)
-    arrays, _ = strategy.aggregate_train(1, [_reply(*r) for r in ROBUST_REPLIES])
-    assert strategy.last.cluster_params[0][0][0] == pytest.approx(cluster0)
-    assert strategy.last.cluster_params[1][0][0] == pytest.approx(cluster1)
+    result = strategy.aggregate(1, [_reply(*r) for r in ROBUST_REPLIES], ANY_TAU).aggregate
+    assert result.cluster_params[0][0][0] == pytest.approx(cluster0)
+    assert result.cluster_params[1][0][0] == pytest.approx(cluster1)
     # the cloud weighs each cluster by its clients' samples: 100 and 100
-    assert arrays.to_numpy_ndarrays()[0][0] == pytest.approx((100 * cluster0 + 100 * cluster1) / 200)
+    assert result.global_params[0][0] == pytest.approx((100 * cluster0 + 100 * cluster1) / 200)
 
 
 def test_robust_edges_resist_an_outlier_that_moves_the_mean():
     replies = [_reply(*r) for r in ROBUST_REPLIES]
-    means = {name: make_strategy({"strategy": name, "trim-fraction": 0.2}, ROBUST_CLUSTERS).aggregate_train(1, replies)[0]
-             for name in ("hierarchical-fedavg", "hierarchical-median", "hierarchical-trimmed-mean")}
-    tau = {k: v.to_numpy_ndarrays()[0][0] for k, v in means.items()}
+    tau = {name: make_strategy({"strategy": name, "trim-fraction": 0.2}, ROBUST_CLUSTERS).aggregate(1, replies, ANY_TAU)
+           .aggregate.global_params[0][0] for name in ("hierarchical-fedavg", "hierarchical-median", "hierarchical-trimmed-mean")}
     assert tau["hierarchical-median"] < tau["hierarchical-fedavg"] and tau["hierarchical-trimmed-mean"] < tau["hierarchical-fedavg"]
 
 
 def test_flat_fedavg_preset_matches_a_hand_computation():
     strategy = make_strategy({"strategy": "fedavg"}, ROBUST_CLUSTERS)
-    arrays, _ = strategy.aggregate_train(1, [_reply(*r) for r in ROBUST_REPLIES])
+    result = strategy.aggregate(1, [_reply(*r) for r in ROBUST_REPLIES], ANY_TAU)
     expected = sum(t * n for _, t, n in ROBUST_REPLIES) / sum(n for _, _, n in ROBUST_REPLIES)
-    assert arrays.to_numpy_ndarrays()[0][0] == pytest.approx(expected)
+    assert result.aggregate.global_params[0][0] == pytest.approx(expected)
 
 
 def test_every_preset_under_conf_strategies_names_a_known_strategy():
@@ -102,7 +107,7 @@ def test_every_preset_under_conf_strategies_names_a_known_strategy():
     for preset in presets:
         values = tomllib.loads(preset.read_text())
         assert values["strategy"] == preset.stem
-        assert set(values) <= set(config.SCHEMA)
+        assert set(values) <= set(config.key_names().values())
 
 
 def test_server_adam_follows_the_edge_mean_with_adam_steps():
@@ -121,27 +126,26 @@ def test_server_adam_follows_the_edge_mean_with_adam_steps():
 def test_fedadam_strategy_moves_the_cloud_model_and_keeps_weighted_edges():
     strategy = make_strategy({"strategy": "hierarchical-fedadam", "server-lr": 0.1}, ROBUST_CLUSTERS)
     replies = [_reply(*r) for r in ROBUST_REPLIES]
-    first = strategy.aggregate_train(1, replies)[0].to_numpy_ndarrays()[0][0]
+    first = strategy.aggregate(1, replies, ANY_TAU).aggregate.global_params[0][0]
     assert first == pytest.approx((0.547 + 0.72) / 2)  # round 1: the weighted mean of the edges
     shifted = [_reply(node, tau + 0.1, n) for node, tau, n in ROBUST_REPLIES]
-    second = strategy.aggregate_train(2, shifted)[0].to_numpy_ndarrays()[0][0]
-    assert second == pytest.approx(first + 0.1)  # first Adam step: lr in the direction of the shift
-    assert strategy.last.cluster_params[0][0][0] == pytest.approx(0.647)  # edges are plain weighted means
+    second = strategy.aggregate(2, shifted, ANY_TAU).aggregate
+    assert second.global_params[0][0] == pytest.approx(first + 0.1)  # first Adam step: lr in the direction of the shift
+    assert second.cluster_params[0][0][0] == pytest.approx(0.647)  # edges are plain weighted means
 
 
 def test_an_edge_round_stops_before_the_cloud():
     strategy = make_strategy({"strategy": "hierarchical-fedadam", "server-lr": 0.1}, ROBUST_CLUSTERS)
-    arrays, metrics = strategy.aggregate_train(1, [_reply(*r) for r in ROBUST_REPLIES], cloud=False)
-    assert arrays is None and metrics["num-examples"] == 200
-    assert strategy.last.global_params is None
-    assert strategy.last.cluster_params[0][0][0] == pytest.approx(0.547) and strategy.last.cluster_params[1][0][0] == pytest.approx(0.72)
+    result = strategy.aggregate(1, [_reply(*r) for r in ROBUST_REPLIES], ANY_TAU, cloud=False)
+    assert not result.is_cloud_round and result.metrics["num-examples"] == 200
+    assert result.aggregate.cluster_params[0][0][0] == pytest.approx(0.547) and result.aggregate.cluster_params[1][0][0] == pytest.approx(0.72)
     assert strategy.cloud_rule.state == {}  # the cloud optimizer did not step
     flat_strategy = make_strategy({"strategy": "fedavg"}, ROBUST_CLUSTERS)
-    assert flat_strategy.aggregate_train(1, [_reply(*r) for r in ROBUST_REPLIES], cloud=False)[0] is not None  # no edge tier
+    assert flat_strategy.aggregate(1, [_reply(*r) for r in ROBUST_REPLIES], ANY_TAU, cloud=False).is_cloud_round  # no edge tier
 
 
 def test_cloud_rounds_are_every_kth_and_the_last():
-    from fedhlm_app.app.server_app import is_cloud_round
+    from fedhlm_app.app.phases import is_cloud_round
 
     assert [r for r in range(1, 8) if is_cloud_round(r, 7, 3)] == [3, 6, 7]
     assert all(is_cloud_round(r, 5, 1) for r in range(1, 6))

@@ -22,7 +22,7 @@ def _run(tmp_path, tiny_bert, nodes, **overrides):
             "cache-dir": str(tmp_path / "cache"), "results-dir": str(tmp_path / "results"), **overrides,
         }
     )
-    from fedhlm_app.tools.launch import BUNDLED_DATA
+    from fedhlm_app.paths import BUNDLED_DATA
 
     rc["data-dir"] = str(BUNDLED_DATA)
     grid = LocalGrid(client_app, nodes, rc)
@@ -87,21 +87,23 @@ def test_client_state_keeps_threshold_feedback_and_head_outputs(four_clients_two
 
 
 def test_clients_reweight_the_global_head_to_their_own_label_mix(four_clients_two_clusters):
-    from fedhlm_app.app.client_app import local_data, local_texts, own_label_counts, run_config
+    from fedhlm_app.app.node import Node
+    from fedhlm_app.reporting.results import SavedModel
     from fedhlm_app.slm.head import head_from_config
     from fedhlm_app.slm.label_prior import likelier_prior, prior_of, shift_prior
 
     tmp, (grid, results) = four_clients_two_clusters
     contexts = [grid.context(node) for node in grid.get_node_ids()]
-    cfg = run_config(contexts[0])
-    assert cfg["local-label-prior"]
-    own = [own_label_counts(local_texts(ctx, cfg)) for ctx in contexts]
+    nodes = [Node.of(ctx) for ctx in contexts]
+    cfg = nodes[0].cfg
+    assert cfg.local_label_prior
+    own = [node.texts.own_label_counts() for node in nodes]
     pooled = prior_of(np.sum(own, axis=0))
-    model = np.load(tmp / "results" / "latest" / "model.npz")
-    for ctx, counts in zip(contexts, own):
-        data = local_data(ctx, cfg)
-        head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes).set_params(
-            [model[f"head_{i}"] for i in range(sum(k.startswith("head_") for k in model.files))])
+    model = SavedModel.load(tmp / "results" / "latest" / "model.npz")
+    np.testing.assert_array_equal(model.label_counts, np.sum(own, axis=0))  # saved for the harness
+    for ctx, node, counts in zip(contexts, nodes, own):
+        data = node.data
+        head = head_from_config(cfg, data.dim, data.num_classes).set_params(model.head)
         own = prior_of(counts)
         calibration = head.predict_proba(data.calibration.inputs)
         kept = ctx.state["head-outputs"]["calibration"].numpy()
@@ -124,6 +126,7 @@ def test_flat_fedavg_is_one_config_line(tmp_path, tiny_bert):
 
 def test_p2p_prototype_traffic_is_counted_and_tiers_add_up(four_clients_two_clusters):
     from fedhlm_app.app.protocol import pack_prototypes, serialized_size
+    from fedhlm_app.routing.p2p import Prototypes
     from flwr.app import RecordDict
 
     _, (grid, results) = four_clients_two_clusters
@@ -132,7 +135,7 @@ def test_p2p_prototype_traffic_is_counted_and_tiers_add_up(four_clients_two_clus
     # always in the first of the 4 rounds, at most in every round
     assert 4 <= ledger["client->edge"]["messages"] <= 16
     # prototypes go down with escalations (after the first refresh) and at inference, when changed
-    proto_size = serialized_size(RecordDict({"prototypes": pack_prototypes(np.zeros((4, 32)), [np.zeros((4, 32))])}))
+    proto_size = serialized_size(RecordDict({"prototypes": pack_prototypes(Prototypes(np.zeros((4, 32)), [np.zeros((4, 32))]))}))
     sent = ledger["edge->client"]["messages"]
     assert 4 <= sent <= 4 * 3 + 4
     assert ledger["edge->client"]["bytes"] == pytest.approx(sent * proto_size, rel=0.01)
@@ -176,7 +179,7 @@ def test_a_run_through_the_oracle_service_books_its_http_bytes(tmp_path, tiny_be
     import threading
 
     from fedhlm_app.data.datasets import load_local
-    from fedhlm_app.tools.launch import BUNDLED_DATA
+    from fedhlm_app.paths import BUNDLED_DATA
     from fedhlm_app.oracle.service import OracleService
     from fedhlm_app.oracle.base import LabelsOracle
 
@@ -239,7 +242,7 @@ def test_encoder_fine_tuning_rounds_then_the_head_reads_the_tuned_encoder(tmp_pa
     grid, results = _run(tmp_path, tiny_bert, nodes, **{
         "encoder-rounds": 2, "encoder-layers": 1, "encoder-steps": 2, "encoder-batch-size": 8,
         "ngram-buckets": 1024, "threshold-rounds": 2})
-    assert grid.sent.count("train.encoder") == 8 and grid.sent.count("query.encoder") == 4
+    assert grid.sent.count("train.encoder") == 8 and grid.sent.count("query.install_encoder") == 4
     assert [r["round"] for r in results["encoder_rounds"]] == [1, 2]
     ledger = results["communication"]["by_phase_and_link"]["encoder"]
     assert ledger["edge->cloud"]["messages"] == 2 * 2  # two clusters, two rounds

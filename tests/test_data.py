@@ -68,7 +68,7 @@ def test_auto_source_uses_local_folder_when_offline(tmp_path, monkeypatch):
 
 
 def test_bundled_ag_news_is_complete():
-    from fedhlm_app.tools.launch import BUNDLED_DATA
+    from fedhlm_app.paths import BUNDLED_DATA
 
     ds = load_local(BUNDLED_DATA, "train.csv", "test.csv")
     assert (len(ds.train), len(ds.test)) == (25569, 7600)

@@ -14,7 +14,7 @@ from fedhlm_app.config import validate
 from fedhlm_app.data.datasets import load_local, truncate
 from fedhlm_app.tools.deploy.credentials import write_node_key, write_tls
 from fedhlm_app.tools.deploy.node_data import write_node_folders
-from fedhlm_app.tools.launch import BUNDLED_DATA
+from fedhlm_app.paths import BUNDLED_DATA
 from fedhlm_app.data.partition import partition_clients
 from helpers import ROOT, default_run_config
 
@@ -49,11 +49,11 @@ def test_credentials_cli_refuses_an_empty_host_list(tmp_path):
 
 def test_node_folders_hold_the_simulation_partitions(tmp_path):
     cfg = validate(default_run_config(**{"dirichlet-alpha": 0.1}))  # strong skew: some nodes lack classes
-    dataset = load_local(BUNDLED_DATA, cfg["train-file"], cfg["test-file"])
+    dataset = load_local(BUNDLED_DATA, cfg.train_file, cfg.test_file)
     folders = write_node_folders(dataset, cfg, 4, tmp_path)
-    train = truncate(dataset.train, cfg["max-train-items"], cfg["seed"])
-    test = truncate(dataset.test, cfg["max-test-items"], cfg["seed"])
-    parts = partition_clients(train.labels, test.labels, 4, 0.1, cfg["seed"], cfg["calibration-fraction"], cfg["min-partition-size"])
+    train = truncate(dataset.train, cfg.max_train_items, cfg.seed)
+    test = truncate(dataset.test, cfg.max_test_items, cfg.seed)
+    parts = partition_clients(train.labels, test.labels, 4, 0.1, cfg.seed, cfg.calibration_fraction, cfg.min_partition_size)
     missing_a_class = 0
     for folder, part in zip(folders, parts):
         node = load_local(folder, "train.csv", "test.csv")
@@ -83,6 +83,6 @@ def test_the_walkthrough_preset_is_the_smoke_run_over_the_oracle_service():
 
     smoke = validate(merged_config([str(ROOT / "conf" / "smoke.toml")], []))
     deployment = validate(merged_config([str(ROOT / "conf" / "deployment.toml")], []))
-    differing = {k for k in smoke if smoke[k] != deployment[k]}
+    differing = {k for k, v in smoke.as_dict().items() if v != deployment.as_dict()[k]}
     assert differing == {"run-name", "oracle", "oracle-url"}
-    assert deployment["oracle"] == "remote" and deployment["oracle-url"].startswith("https://")
+    assert deployment.oracle == "remote" and deployment.oracle_url.startswith("https://")

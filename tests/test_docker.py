@@ -413,9 +413,9 @@ def check_run_config_matches(compose: Compose) -> None:
 
     cfg = validate(merged_config([str(RUN_CONFIG)], []))
     configs = [node_config(compose, name) for name in SUPERNODES]
-    assert cfg["num-clients"] == len(SUPERNODES), "conf/docker.toml num-clients != number of SuperNodes"
-    assert cfg["num-clusters"] == len({c["cluster-id"] for c in configs}), "num-clusters != distinct cluster-ids"
-    assert cfg["oracle"] == "remote"
+    assert cfg.num_clients == len(SUPERNODES), "conf/docker.toml num-clients != number of SuperNodes"
+    assert cfg.num_clusters == len({c["cluster-id"] for c in configs}), "num-clusters != distinct cluster-ids"
+    assert cfg.oracle == "remote"
     node_data = invocation(compose, "node-data", "fedhlm_app.tools.deploy.node_data")
     assert int(option(node_data, "--num-partitions")) == len(SUPERNODES), "node-data: --num-partitions"
     assert (ROOT / option(node_data, "--run-config")).resolve() == RUN_CONFIG, "node-data: not conf/docker.toml"
@@ -423,12 +423,12 @@ def check_run_config_matches(compose: Compose) -> None:
     assert int(option(creds, "--nodes")) == len(SUPERNODES), "credentials: --nodes"
     services = compose["services"]
     server_mounts = {t for _, t, mode in volume_mounts(services["superexec-serverapp"]) if mode == "rw"}
-    assert cfg["results-dir"] in server_mounts, "results-dir is not a writable mount of superexec-serverapp"
+    assert cfg.results_dir in server_mounts, "results-dir is not a writable mount of superexec-serverapp"
     for execer in CLIENTAPP_EXECS:
         mounts = {t for _, t, mode in volume_mounts(services[execer]) if mode == "rw"}
-        assert cfg["cache-dir"] in mounts, f"{execer}: cache-dir is not a writable mount"
-    assert cfg["data-dir"].startswith("/app/"), "data-dir must be inside the image"
-    assert (ROOT / Path(cfg["data-dir"]).relative_to("/app")).is_dir(), f"{cfg['data-dir']} is not in the image"
+        assert cfg.cache_dir in mounts, f"{execer}: cache-dir is not a writable mount"
+    assert cfg.data_dir.startswith("/app/"), "data-dir must be inside the image"
+    assert (ROOT / Path(cfg.data_dir).relative_to("/app")).is_dir(), f"{cfg.data_dir} is not in the image"
 
 
 def check_flags_exist(compose: Compose) -> None:

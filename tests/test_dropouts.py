@@ -7,7 +7,7 @@ from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
 
 from client_app import app as client_app
-from fedhlm_app.tools.launch import BUNDLED_DATA
+from fedhlm_app.paths import BUNDLED_DATA
 from helpers import LocalGrid, default_run_config, server_context
 from server_app import app as server_app
 
@@ -60,10 +60,10 @@ def _run(tmp_path, tiny_bert, *, victim_index: int, answers: int, how: str, **ov
 
 @pytest.mark.parametrize("how", ["unavailable", "silent"])
 def test_a_node_that_dies_mid_run_is_dropped_and_recorded(tmp_path, tiny_bert, how):
-    # Node 1 (cluster 0) answers setup and both head rounds, then dies in the first threshold round.
-    grid, results = _run(tmp_path, tiny_bert, victim_index=1, answers=3, how=how, **{"round-timeout": 3.0})
+    # Node 1 (cluster 0) answers setup, both head rounds and the head's install, then dies in the first threshold round.
+    grid, results = _run(tmp_path, tiny_bert, victim_index=1, answers=4, how=how, **{"round-timeout": 3.0})
     victim = 1001
-    assert grid.after_death == ["query.escalate"]  # one lost message, then it is never addressed again
+    assert grid.after_death == ["query.calibrate"]  # one lost message, then it is never addressed again
     assert results["dropouts"] == [
         {"node_id": victim, "cluster": 0, "partition_id": 1, "phase": "threshold", "round": 1,
          "reason": "Error: Node Unavailable" if how == "unavailable" else "no reply within 3s"}
@@ -103,13 +103,13 @@ class RaisingClientApp:
     """The real ClientApp, except that node ``node`` raises in threshold round ``rnd``."""
 
     def __init__(self, node: int, rnd: int) -> None:
-        self.node, self.rnd = node, rnd
+        self.node, self.rnd, self.rounds = node, rnd, 0
 
     def __call__(self, msg, context):
-        config = msg.content["config"] if "config" in msg.content else {}
-        if (context.node_id == self.node and msg.metadata.message_type == "train.threshold"
-                and int(config.get("server-round", 0)) == self.rnd):
-            raise RuntimeError("out of memory")
+        if context.node_id == self.node and msg.metadata.message_type == "train.threshold":
+            self.rounds += 1
+            if self.rounds == self.rnd:
+                raise RuntimeError("out of memory")
         return client_app(msg, context)
 
 

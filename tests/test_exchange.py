@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from fedhlm_app.app import server_app as server
-from fedhlm_app.app.server_app import FIRST_POLL_S, MAX_POLL_S, send_and_receive
+from fedhlm_app.app.exchange import FIRST_POLL_S, MAX_POLL_S, send_and_receive
 
 
 class ScriptedGrid:

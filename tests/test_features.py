@@ -86,7 +86,7 @@ def test_bert_base_sized_model_runs_the_whole_app(tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from client_app import app as client_app
-    from fedhlm_app.tools.launch import BUNDLED_DATA
+    from fedhlm_app.paths import BUNDLED_DATA
     from helpers import LocalGrid, default_run_config, server_context
     from server_app import app as server_app
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import default_run_config
 from fedhlm_app.config import ConfigError, validate
 from fedhlm_app.data.datasets import load_local
-from fedhlm_app.tools.launch import BUNDLED_DATA
+from fedhlm_app.paths import BUNDLED_DATA
 from fedhlm_app.oracle.base import EscalationBatch, is_distribution, make_oracle, verify_safely
 
 N_ITEMS = 6

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from fedhlm_app.tools.launch import BUNDLED_DATA
+from fedhlm_app.paths import BUNDLED_DATA
 from fedhlm_app.data.datasets import load_local
 from fedhlm_app.oracle.http import JSONClient
 from fedhlm_app.oracle.remote import RemoteOracle

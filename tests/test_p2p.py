@@ -84,7 +84,7 @@ def test_coordinator_view_follows_every_refresh():
     coord = PeerCoordinator("all", 1, cost_p2p=0.05, cost_llm=1.0)
     assert coord.view(0) is None  # no sums yet
     coord.refresh({10: (0, ClassSums.of(np.eye(2), np.array([0, 1]), 2)), 11: (1, ClassSums.of(np.eye(2), np.array([1, 0]), 2))})
-    own, others = coord.view(0)
+    own, others = coord.view(0).own, coord.view(0).neighbours
     assert np.allclose(own, np.eye(2)) and np.allclose(others[0], np.eye(2)[::-1])
     coord.refresh({10: (0, ClassSums.of(np.eye(2), np.array([1, 0]), 2))})  # node 10 changed its sums
-    assert np.allclose(coord.view(0)[0], np.eye(2)[::-1])
+    assert np.allclose(coord.view(0).own, np.eye(2)[::-1])

@@ -8,7 +8,7 @@ import pytest
 from client_app import app as client_app
 from fedhlm_app.app import checkpoint
 from fedhlm_app.config import ConfigError, validate
-from fedhlm_app.tools.launch import BUNDLED_DATA
+from fedhlm_app.paths import BUNDLED_DATA
 from helpers import LocalGrid, default_run_config, server_context
 from server_app import app as server_app
 
@@ -27,8 +27,7 @@ class CrashingGrid(LocalGrid):
         self.crash_at, self.threshold_rounds = crash_at, 0
 
     def push_messages(self, messages):
-        if messages and messages[0].metadata.message_type == "query.escalate" \
-                and messages[0].content["config"]["split"] == "calibration":
+        if messages and messages[0].metadata.message_type == "query.calibrate":
             self.threshold_rounds += 1
             if self.threshold_rounds == self.crash_at:
                 raise Crash(f"down at threshold round {self.crash_at}")
@@ -116,7 +115,7 @@ def test_a_run_resumed_after_fine_tuning_reinstalls_the_encoder_instead_of_train
     resumed = _config(tmp_path, tiny_bert, "broken-ft", resume=True, **tuning)
     grid = LocalGrid(client_app, NODES, resumed, first_node_id=5000)
     server_app(grid, server_context(resumed))
-    assert grid.sent.count("train.encoder") == 0 and grid.sent.count("query.encoder") == 5
+    assert grid.sent.count("train.encoder") == 0 and grid.sent.count("query.install_encoder") == 5
     # every new node runs the very encoder the crashed run trained
     model = np.load(tmp_path / "results" / "broken-ft" / "model.npz")
     installed = [model[f"encoder_{i}"] for i in range(len(saved.encoder.params))]

@@ -44,5 +44,9 @@ def test_temperature_perturbation_is_the_expected_disagreement_of_sampled_tokens
 
 def test_the_config_accepts_exactly_the_registered_measures():
     from fedhlm_app import config
+    from helpers import default_run_config
 
-    assert config.UNCERTAINTIES == tuple(MEASURES)
+    for name in MEASURES:
+        assert config.validate(default_run_config(uncertainty=name)).uncertainty == name
+    with pytest.raises(config.ConfigError, match="uncertainty"):
+        config.validate(default_run_config(uncertainty="variance"))

@@ -8,10 +8,11 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from client_app import app as client_app
-from fedhlm_app.tools.launch import BUNDLED_DATA
-from fedhlm_app.app.protocol import arrays_record, record_arrays
-from fedhlm_app.app.server_app import THRESHOLD_UPDATE
-from fedhlm_app.fl.strategy import make_strategy
+from fedhlm_app.paths import BUNDLED_DATA
+from fedhlm_app.app.phases import THRESHOLD_UPDATE
+from fedhlm_app.app.protocol import arrays_record, node_update
+from fedhlm_app.config import validate
+from fedhlm_app.fl.strategy import make_aggregator
 from fedhlm_app.fl.updates import UpdateSpec
 from helpers import LocalGrid, default_run_config, server_context
 from server_app import app as server_app
@@ -45,13 +46,17 @@ def test_head_update_must_match_the_global_shapes():
     assert "array 0 has shape (4, 3)" in HEAD.problem([np.ones((4, 3)), np.ones(4)], 5, {})
 
 
-def _reply(node: int, arrays: ArrayRecord, metrics: dict) -> Message:
-    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train.threshold")
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=instruction)
+def _reply(node: int, arrays: ArrayRecord, metrics: dict):
+    """A reply's content as the server decodes it."""
+    return node_update(node, RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}))
 
 
-def _tau(node: int, tau, n: int = 10) -> Message:
+def _tau(node: int, tau, n: int = 10):
     return _reply(node, arrays_record([np.array([tau], dtype=np.float64)]), {"num-examples": n})
+
+
+def make_strategy(overrides: dict, cluster_of: dict[int, int]):
+    return make_aggregator(validate(default_run_config(**overrides)), cluster_of)
 
 
 def test_invalid_updates_are_dropped_with_node_and_reason_and_the_rest_aggregated():
@@ -62,9 +67,9 @@ def test_invalid_updates_are_dropped_with_node_and_reason_and_the_rest_aggregate
         _reply(5, arrays_record([np.array([0.5, 0.5])]), {"num-examples": 10}),  # wrong shape
         _reply(6, ArrayRecord(), {"num-examples": 10}),  # no arrays at all
     ]
-    arrays, _ = strategy.aggregate_train(1, replies, spec=THRESHOLD_UPDATE)
+    result = strategy.aggregate(1, replies, THRESHOLD_UPDATE)
     # edge 0: (0.2*10 + 0.6*30)/40 = 0.5, edge 1: 0.5 (node 3 alone) -> cloud 0.5
-    assert record_arrays(arrays)[0][0] == pytest.approx(0.5)
+    assert result.aggregate.global_params[0][0] == pytest.approx(0.5)
     assert [(r["node"], r["round"], r["what"]) for r in strategy.rejected] == [(4, 1, "threshold"), (5, 1, "threshold"), (6, 1, "threshold")]
     assert "non-finite" in strategy.rejected[0]["reason"] and "shape (2,)" in strategy.rejected[1]["reason"]
 
@@ -72,8 +77,8 @@ def test_invalid_updates_are_dropped_with_node_and_reason_and_the_rest_aggregate
 def _cluster_threshold(strategy_name: str, taus: list[float]) -> float:
     cfg = {"strategy": strategy_name, "trim-fraction": 0.4, "server-lr": 0.01}
     strategy = make_strategy(cfg, {node: 0 for node in range(len(taus))})
-    strategy.aggregate_train(1, [_tau(node, t) for node, t in enumerate(taus)], cloud=False, spec=THRESHOLD_UPDATE)
-    return float(strategy.last.cluster_params[0][0][0])
+    result = strategy.aggregate(1, [_tau(node, t) for node, t in enumerate(taus)], THRESHOLD_UPDATE, cloud=False)
+    return float(result.aggregate.cluster_params[0][0][0])
 
 
 @pytest.mark.parametrize("rule", ["hierarchical-median", "hierarchical-trimmed-mean"])
@@ -119,7 +124,7 @@ def test_a_run_with_malicious_clients_rejects_their_updates(tmp_path, tiny_bert)
 
 def test_a_cluster_below_its_minimum_sits_the_round_out():
     strategy = make_strategy({"strategy": "hierarchical-fedavg", "min-cluster-clients": 2}, {1: 0, 2: 0, 3: 1, 4: 1})
-    arrays, _ = strategy.aggregate_train(1, [_tau(1, 0.2), _tau(2, 0.4), _tau(3, 0.9), _tau(4, math.nan)], spec=THRESHOLD_UPDATE)
+    result = strategy.aggregate(1, [_tau(1, 0.2), _tau(2, 0.4), _tau(3, 0.9), _tau(4, math.nan)], THRESHOLD_UPDATE)
     # cluster 1 has one valid update (node 4's is rejected): only cluster 0 is aggregated
-    assert set(strategy.last.cluster_params) == {0}
-    assert record_arrays(arrays)[0][0] == pytest.approx(0.3)
+    assert set(result.aggregate.cluster_params) == {0}
+    assert result.aggregate.global_params[0][0] == pytest.approx(0.3)

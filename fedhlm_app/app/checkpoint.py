@@ -22,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from fedhlm_app.config import RunConfig
+
 CHECKPOINT_FILE = "checkpoint.pkl"
-FORMAT = 2  # 2: the head and the encoder as TrainedModel
+FORMAT = 3  # 3: modules grouped by concern (the pickled classes moved)
 # Keys that may differ between a run and its resume: they change how, not what, it computes.
 RESUMABLE_CHANGES = ("resume", "round-timeout", "min-clients", "min-active-clients", "oracle-timeout", "oracle-retries",
                      "oracle-concurrency", "oracle-api-key", "oracle-url", "results-dir", "cache-dir", "data-dir")
@@ -68,11 +70,11 @@ class Progress:
         self.clients.setdefault(partition, {})["tau"] = np.array([tau])
 
 
-def _fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in RESUMABLE_CHANGES}
+def _fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.as_dict().items() if k not in RESUMABLE_CHANGES}
 
 
-def save(path: Path, cfg: dict[str, Any], progress: Progress) -> None:
+def save(path: Path, cfg: RunConfig, progress: Progress) -> None:
     """Write atomically: a crash leaves either the old or the new checkpoint, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -83,7 +85,7 @@ def save(path: Path, cfg: dict[str, Any], progress: Progress) -> None:
     os.replace(tmp, path)
 
 
-def load(path: Path, cfg: dict[str, Any]) -> Progress | None:
+def load(path: Path, cfg: RunConfig) -> Progress | None:
     """The checkpoint at ``path`` (None when there is none); refuses one written by another config."""
     if not path.is_file():
         return None

@@ -1,24 +1,57 @@
-"""Conversions between the numpy core and Flower records (adapter layer).
+"""FedHLM's messages: their types, their content, and how each one is packed into Flower records.
 
-Message contents use these keys: ``"arrays"`` (head weights or a threshold),
-``"config"`` (round settings), ``"metrics"`` (numbers for aggregation),
-``"escalation"`` (items sent to the LLM) and ``"feedback"`` (its answers).
+Every exchange is started by the ServerApp; each message type has one handler in the
+ClientApp (``client_app``) and one packed form per direction, defined here and nowhere else:
+
+=========================  ===========================================  =============================================
+message type               instruction (server -> client)               reply (client -> server)
+=========================  ===========================================  =============================================
+``query.setup``            (empty)                                      ``NodeInfo``
+``train.encoder``          global encoder layers, round                 ``ClientUpdate`` (layers, metrics)
+``query.install_encoder``  the final encoder layers                     ``NodeInfo`` (featurized with them)
+``train.head``             global head, round                           ``ClientUpdate`` (head, metrics)
+``query.install_head``     ``InstallHead`` (head, pooled label counts,  (empty)
+                           a resumed client's ``ClientMemory``)
+``query.calibrate``        ``Calibrate`` (tau reference, round,         ``Escalation`` (items for the LLM)
+                           refreshed P2P prototypes)
+``train.threshold``        ``Feedback`` (the LLM's verdicts)            ``ThresholdReply`` (tau, metrics, class sums)
+``query.route``            ``RouteQueries`` (a routing policy,          ``Escalation``
+                           refreshed P2P prototypes)
+``evaluate.score``         ``Feedback``                                 per-client counts (``router.score``)
+=========================  ===========================================  =============================================
+
+``bookings`` says on which link (and phase) each part of a message is counted in the
+ledger, from its serialized size.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from functools import lru_cache
 from io import BytesIO
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
+from fedhlm_app.fl.strategy import NodeUpdate
 from fedhlm_app.oracle.base import EscalationBatch
-from fedhlm_app.routing.p2p import ClassSums
+from fedhlm_app.routing.p2p import ClassSums, Prototypes
 from fedhlm_app.routing.speculative import Verdict
 
+SETUP = "query.setup"
+TRAIN_ENCODER = "train.encoder"
+INSTALL_ENCODER = "query.install_encoder"
+TRAIN_HEAD = "train.head"
+INSTALL_HEAD = "query.install_head"
+CALIBRATE = "query.calibrate"
+TRAIN_THRESHOLD = "train.threshold"
+ROUTE = "query.route"
+SCORE = "evaluate.score"
+
+
+# ---- arrays -----------------------------------------------------------------------------------
 
 def serialized_size(content: RecordDict) -> int:
     """Bytes of the content as Flower serializes it on the wire (protobuf)."""
@@ -73,68 +106,335 @@ def record_arrays(record: ArrayRecord) -> list[np.ndarray]:
     return [to_numpy(a) for a in record.values()]
 
 
-def array_items(record: ArrayRecord, key: str) -> int:
-    """Length of an array of a record, read from its metadata (no decoding)."""
-    return int(record[key].shape[0])
+def named_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: to_array(v) for k, v in arrays.items()})
 
 
-def pack_escalation(batch: EscalationBatch) -> RecordDict:
-    """Items for the LLM: ids, distributions and drafts as arrays, texts as strings."""
-    arrays = ArrayRecord(
-        {
-            "ids": to_array(np.asarray(batch.ids, dtype=np.int64)),
-            "probs": to_array(np.asarray(batch.probs, dtype=np.float32)),
-            "drafts": to_array(np.asarray(batch.drafts, dtype=np.int64)),
-        }
-    )
-    return RecordDict({"escalation": arrays, "texts": ConfigRecord({"texts": list(batch.texts)})})
+def record_named_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: to_numpy(v) for k, v in record.items()}
 
 
-def unpack_escalation(content: RecordDict) -> EscalationBatch:
-    arrays = content["escalation"]
-    texts = content["texts"]["texts"] if "texts" in content["texts"] else []
-    return EscalationBatch(
-        ids=to_numpy(arrays["ids"]),
-        texts=list(texts),
-        probs=to_numpy(arrays["probs"]),
-        drafts=to_numpy(arrays["drafts"]),
-    )
+@lru_cache(maxsize=64)
+def _model_size(signature: tuple[tuple[tuple[int, ...], str], ...], with_weight: bool) -> int:
+    params = [np.zeros(shape, dtype=dtype) for shape, dtype in signature]
+    content = RecordDict({"arrays": arrays_record(params)})
+    if with_weight:
+        content["metrics"] = MetricRecord({"num-examples": 1.0})
+    return serialized_size(content)
 
 
-def pack_feedback(ids: np.ndarray, verdict: Verdict) -> ArrayRecord:
-    """The LLM's answer per item: rejection probability, accept flag, final class."""
-    return ArrayRecord(
-        {
-            "ids": to_array(np.asarray(ids, dtype=np.int64)),
-            "beta": to_array(np.asarray(verdict.beta, dtype=np.float32)),
-            "accepted": to_array(np.asarray(verdict.accepted, dtype=np.bool_)),
-            "final": to_array(np.asarray(verdict.final, dtype=np.int64)),
-        }
-    )
+def model_size(params: list[np.ndarray], with_weight: bool = False) -> int:
+    """Serialized bytes of a model message (``{"arrays"}``, plus its sample count when ``with_weight``):
+    the size depends only on the arrays' shapes and types, so it is computed once per signature."""
+    return _model_size(tuple((tuple(p.shape), str(p.dtype)) for p in params), with_weight)
 
 
-def unpack_feedback(record: ArrayRecord) -> tuple[np.ndarray, Verdict]:
-    return to_numpy(record["ids"]), Verdict(
-        beta=to_numpy(record["beta"]).astype(np.float64),
-        accepted=to_numpy(record["accepted"]).astype(bool),
-        final=to_numpy(record["final"]),
-    )
+# ---- typed messages ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the server learns of a client: placement, sizes, classes, embedding width, label counts."""
+
+    cluster_id: int
+    partition_id: int
+    n_fit: int
+    n_calibration: int
+    n_test: int
+    num_classes: int
+    dim: int = 0  # 0: not featurized yet (the encoder is fine-tuned first)
+    label_counts: list[int] = field(default_factory=list)  # empty unless local-label-prior
+
+    def pack(self) -> RecordDict:
+        info = {"cluster-id": self.cluster_id, "partition-id": self.partition_id, "n-fit": self.n_fit,
+                "n-calibration": self.n_calibration, "n-test": self.n_test, "num-classes": self.num_classes, "dim": self.dim}
+        if self.label_counts:
+            info["label-counts"] = list(self.label_counts)
+        return RecordDict({"info": ConfigRecord(info)})
+
+    @staticmethod
+    def unpack(content: RecordDict) -> NodeInfo:
+        info = content["info"]
+        return NodeInfo(int(info["cluster-id"]), int(info["partition-id"]), int(info["n-fit"]), int(info["n-calibration"]),
+                        int(info["n-test"]), int(info["num-classes"]), int(info["dim"]),
+                        [int(c) for c in info["label-counts"]] if "label-counts" in info else [])
 
 
-def pack_prototypes(own: np.ndarray, neighbours: list[np.ndarray]) -> ArrayRecord:
+@dataclass(frozen=True)
+class Train:
+    """A training round's instruction: the model to start from."""
+
+    params: list[np.ndarray]
+    server_round: int
+
+    def pack(self) -> RecordDict:
+        return RecordDict({"arrays": arrays_record(self.params), "config": ConfigRecord({"server-round": self.server_round})})
+
+    @staticmethod
+    def unpack(content: RecordDict) -> Train:
+        return Train(record_arrays(content["arrays"]), int(content["config"]["server-round"]))
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """A client's model update: its parameters and its metrics (``num-examples`` weighs it)."""
+
+    params: list[np.ndarray]
+    metrics: dict[str, float]
+
+    def pack(self) -> RecordDict:
+        return RecordDict({"arrays": arrays_record(self.params), "metrics": MetricRecord(self.metrics)})
+
+    @staticmethod
+    def unpack(content: RecordDict) -> ClientUpdate:
+        """Raises (any exception) on a malformed reply; the server rejects it and records why."""
+        return ClientUpdate(record_arrays(content["arrays"]), dict(content["metrics"]))
+
+
+def node_update(node: int, content: RecordDict) -> NodeUpdate:
+    """A training reply decoded once; a malformed one carries its problem for the aggregator to record."""
+    try:
+        update = ClientUpdate.unpack(content)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means a malformed reply
+        return NodeUpdate(node, [], {}, f"malformed reply ({type(exc).__name__}: {exc})")
+    return NodeUpdate(node, update.params, update.metrics)
+
+
+@dataclass(frozen=True)
+class ClientMemory:
+    """What a client had learned before a crash, for a resumed run: the LLM's verdicts on its
+    calibration items and its threshold."""
+
+    ids: np.ndarray
+    beta: np.ndarray
+    final: np.ndarray
+    tau: float | None
+
+
+@dataclass(frozen=True)
+class InstallHead:
+    """The final head, the pooled label counts (with the local label prior) and, on a resumed run, the client's memory."""
+
+    params: list[np.ndarray]
+    pooled_label_counts: np.ndarray | None
+    memory: ClientMemory | None
+
+    def pack(self) -> RecordDict:
+        content = RecordDict({"arrays": arrays_record(self.params)})
+        if self.pooled_label_counts is not None:
+            content["label-counts"] = named_arrays({"pooled": self.pooled_label_counts})
+        if self.memory is not None:
+            m = self.memory
+            saved = {"ids": m.ids, "beta": m.beta, "final": m.final} if len(m.ids) else {}
+            if m.tau is not None:
+                saved["tau"] = np.array([m.tau])
+            content["restore"] = named_arrays(saved)
+        return content
+
+    @staticmethod
+    def unpack(content: RecordDict) -> InstallHead:
+        pooled = to_numpy(content["label-counts"]["pooled"]) if "label-counts" in content else None
+        memory = None
+        if "restore" in content:
+            saved = record_named_arrays(content["restore"])
+            empty = np.zeros(0)
+            memory = ClientMemory(saved.get("ids", empty.astype(np.int64)), saved.get("beta", empty), saved.get("final", empty.astype(np.int64)),
+                                  float(saved["tau"][0]) if "tau" in saved else None)
+        return InstallHead(record_arrays(content["arrays"]), pooled, memory)
+
+
+def pack_prototypes(prototypes: Prototypes) -> ArrayRecord:
     """A cluster's class prototypes and its neighbours' (float16: cosines need no more)."""
+    own, neighbours = prototypes.own, prototypes.neighbours
     stacked = np.stack(neighbours) if neighbours else np.zeros((0, *own.shape))
-    return ArrayRecord({"own": to_array(own.astype(np.float16)), "neighbours": to_array(stacked.astype(np.float16))})
+    return named_arrays({"own": own.astype(np.float16), "neighbours": stacked.astype(np.float16)})
 
 
-def unpack_prototypes(record: ArrayRecord) -> tuple[np.ndarray, list[np.ndarray]]:
-    return to_numpy(record["own"]).astype(np.float64), [n.astype(np.float64) for n in to_numpy(record["neighbours"])]
+def unpack_prototypes(record: ArrayRecord) -> Prototypes:
+    return Prototypes(to_numpy(record["own"]).astype(np.float64), [n.astype(np.float64) for n in to_numpy(record["neighbours"])])
 
 
 def pack_class_sums(sums: ClassSums) -> ArrayRecord:
     """A client's per-class embedding sums (float16 halves the bytes; 1e-3 relative is plenty)."""
-    return ArrayRecord({"sums": to_array(sums.sums.astype(np.float16)), "counts": to_array(sums.counts.astype(np.float32))})
+    return named_arrays({"sums": sums.sums.astype(np.float16), "counts": sums.counts.astype(np.float32)})
 
 
 def unpack_class_sums(record: ArrayRecord) -> ClassSums:
     return ClassSums(to_numpy(record["sums"]).astype(np.float64), to_numpy(record["counts"]).astype(np.float64))
+
+
+def _with_prototypes(content: RecordDict, prototypes: Prototypes | None) -> RecordDict:
+    if prototypes is not None:
+        content["prototypes"] = pack_prototypes(prototypes)
+    return content
+
+
+def _prototypes_of(content: RecordDict) -> Prototypes | None:
+    return unpack_prototypes(content["prototypes"]) if "prototypes" in content else None
+
+
+@dataclass(frozen=True)
+class Calibrate:
+    """Threshold round: start from the reference tau and send the calibration items for feedback.
+    ``prototypes``: the cluster's refreshed P2P prototypes, only when they changed."""
+
+    tau_reference: float
+    server_round: int
+    prototypes: Prototypes | None = None
+
+    def pack(self) -> RecordDict:
+        config = ConfigRecord({"tau-reference": self.tau_reference, "server-round": self.server_round})
+        return _with_prototypes(RecordDict({"config": config}), self.prototypes)
+
+    @staticmethod
+    def unpack(content: RecordDict) -> Calibrate:
+        conf = content["config"]
+        return Calibrate(float(conf["tau-reference"]), int(conf["server-round"]), _prototypes_of(content))
+
+
+@dataclass(frozen=True)
+class QueryPolicy:
+    """A routing policy for the queries: a threshold (or each client's own), peers tried first or not."""
+
+    tau: float
+    own_threshold: bool
+    tau_reference: float  # where a client's own threshold moves from
+    try_peers: bool
+
+
+@dataclass(frozen=True)
+class RouteQueries:
+    """Inference: route the test items under ``policy`` and send the escalated ones."""
+
+    policy: QueryPolicy
+    prototypes: Prototypes | None = None
+
+    def pack(self) -> RecordDict:
+        p = self.policy
+        config = ConfigRecord({"tau": float(p.tau), "own-threshold": p.own_threshold, "tau-reference": float(p.tau_reference),
+                               "try-p2p": p.try_peers})
+        return _with_prototypes(RecordDict({"config": config}), self.prototypes)
+
+    @staticmethod
+    def unpack(content: RecordDict) -> RouteQueries:
+        c = content["config"]
+        policy = QueryPolicy(float(c["tau"]), bool(c["own-threshold"]), float(c["tau-reference"]), bool(c["try-p2p"]))
+        return RouteQueries(policy, _prototypes_of(content))
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """Items a client sends to the LLM, with how many it routed and the threshold it used."""
+
+    batch: EscalationBatch
+    num_items: int
+    tau: float
+
+    def pack(self) -> RecordDict:
+        b = self.batch
+        arrays = named_arrays({"ids": np.asarray(b.ids, dtype=np.int64), "probs": np.asarray(b.probs, dtype=np.float32),
+                               "drafts": np.asarray(b.drafts, dtype=np.int64)})
+        metrics = MetricRecord({"num-items": self.num_items, "num-escalated": len(b), "tau": float(self.tau)})
+        return RecordDict({"escalation": arrays, "texts": ConfigRecord({"texts": list(b.texts)}), "metrics": metrics})
+
+    @staticmethod
+    def unpack(content: RecordDict) -> Escalation:
+        arrays = content["escalation"]
+        texts = content["texts"]["texts"] if "texts" in content["texts"] else []
+        batch = EscalationBatch(ids=to_numpy(arrays["ids"]), texts=list(texts), probs=to_numpy(arrays["probs"]),
+                                drafts=to_numpy(arrays["drafts"]))
+        return Escalation(batch, int(content["metrics"]["num-items"]), float(content["metrics"]["tau"]))
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """The LLM's verdicts on the items a client escalated (the ones it answered)."""
+
+    ids: np.ndarray
+    verdict: Verdict
+
+    def pack(self) -> RecordDict:
+        v = self.verdict
+        return RecordDict({"feedback": named_arrays({
+            "ids": np.asarray(self.ids, dtype=np.int64), "beta": np.asarray(v.beta, dtype=np.float32),
+            "accepted": np.asarray(v.accepted, dtype=np.bool_), "final": np.asarray(v.final, dtype=np.int64),
+        })})
+
+    @staticmethod
+    def unpack(content: RecordDict) -> Feedback:
+        arrays = record_named_arrays(content["feedback"])
+        return Feedback(arrays["ids"], Verdict(beta=arrays["beta"].astype(np.float64), accepted=arrays["accepted"].astype(bool),
+                                               final=arrays["final"]))
+
+
+@dataclass(frozen=True)
+class ThresholdReply:
+    """A client's threshold after its local steps, its metrics, and its class sums when they moved its prototypes."""
+
+    tau: float
+    metrics: dict[str, float]
+    class_sums: ClassSums | None = None
+
+    def pack(self) -> RecordDict:
+        content = ClientUpdate([np.array([self.tau], dtype=np.float64)], self.metrics).pack()
+        if self.class_sums is not None:
+            content["p2p"] = pack_class_sums(self.class_sums)
+        return content
+
+    @staticmethod
+    def class_sums_of(content: RecordDict) -> ClassSums | None:
+        return unpack_class_sums(content["p2p"]) if "p2p" in content else None
+
+
+def metrics_reply(metrics: dict[str, float]) -> RecordDict:
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+# ---- byte booking -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Booking:
+    """Bytes of one part of a message, on a link, in a phase (None: the message's own phase)."""
+
+    link: str
+    nbytes: int
+    items: int = 0
+    phase: str | None = None
+
+
+def _part_size(content: RecordDict, key: str) -> int:
+    """Serialized bytes of one record of a message's content (0 when absent)."""
+    return serialized_size(RecordDict({key: content[key]})) if key in content else 0
+
+
+def _items(content: RecordDict, record: str) -> int:
+    """How many items a record carries, from the metadata of its ``ids`` array (no decoding)."""
+    return int(content[record]["ids"].shape[0]) if record in content else 0
+
+
+def instruction_bookings(content: RecordDict) -> list[Booking]:
+    """An instruction: the LLM's verdicts travel on the LLM link, P2P prototypes are P2P traffic,
+    the rest is control traffic of the message's phase."""
+    items = _items(content, "feedback")
+    feedback = _part_size(content, "feedback") if items else 0
+    prototypes = _part_size(content, "prototypes")
+    out = [Booking("edge->client", serialized_size(content) - feedback - prototypes)]
+    if items:
+        out.append(Booking("llm->client", feedback, items))
+    if prototypes:
+        out.append(Booking("edge->client", prototypes, phase="p2p"))
+    return out
+
+
+def reply_bookings(content: RecordDict) -> list[Booking]:
+    """A reply: an escalation with items goes to the LLM; class sums are P2P traffic; the rest is control."""
+    sums = _part_size(content, "p2p")
+    items = _items(content, "escalation")
+    out = [Booking("client->llm" if items else "client->edge", serialized_size(content) - sums, items)]
+    if sums:
+        out.append(Booking("client->edge", sums, phase="p2p"))
+    return out
+
+
+def prototypes_size(prototypes: Prototypes) -> int:
+    """Serialized bytes of prototypes as a client receives them."""
+    return _part_size(RecordDict({"prototypes": pack_prototypes(prototypes)}), "prototypes")

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATA_DIR_ENV = "FEDHLM_DATA_DIR"
-
+from fedhlm_app import paths
 
 class DataError(ValueError):
     """A dataset could not be found or read; the message says what to fix."""
@@ -67,16 +66,13 @@ class Dataset:
 
 
 def resolve_data_dir(configured: str) -> Path:
-    """The local data folder: the run-config value, else ``$FEDHLM_DATA_DIR``."""
-    value = configured or os.environ.get(DATA_DIR_ENV, "")
-    if not value:
-        raise DataError(
-            f"no local data folder: set run-config key 'data-dir' or ${DATA_DIR_ENV}"
-        )
-    path = Path(value).expanduser()
+    """The local data folder (``fedhlm_app.paths.data_dir``), checked to exist."""
+    path = paths.data_dir(configured)
+    if path is None:
+        raise DataError(f"no local data folder: set run-config key 'data-dir' or ${paths.DATA_DIR_ENV}")
     if not path.is_dir():
-        raise DataError(f"data-dir '{value}' is not a directory")
-    return path.resolve()
+        raise DataError(f"data-dir '{path}' is not a directory")
+    return path
 
 
 def _find_file(folder: Path, name: str) -> Path:

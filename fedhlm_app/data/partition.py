@@ -124,8 +124,8 @@ def partition_clients(
 
 def configured_partitions(train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int, cfg: dict) -> list[ClientIndices]:
     """``partition_clients`` with the run config's skew, seed, calibration share and minimum size."""
-    return partition_clients(train_labels, test_labels, num_clients, cfg["dirichlet-alpha"], cfg["seed"],
-                             cfg["calibration-fraction"], cfg["min-partition-size"], cfg["test-label-mix"])
+    return partition_clients(train_labels, test_labels, num_clients, cfg.dirichlet_alpha, cfg.seed,
+                             cfg.calibration_fraction, cfg.min_partition_size, cfg.test_label_mix)
 
 
 def cluster_of_partition(partition_id: int, num_partitions: int, num_clusters: int) -> int:

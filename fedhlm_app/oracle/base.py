@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from fedhlm_app.data.datasets import Dataset
-from fedhlm_app.slm.features import FeatureStore, resolve_cache_dir, text_keys
+from fedhlm_app.paths import cache_dir
+from fedhlm_app.slm.features import FeatureStore, text_keys
 from fedhlm_app.routing.speculative import Verdict, verify
 
 # Probabilities that sum to one within this tolerance are accepted as a distribution.
@@ -185,10 +186,10 @@ class ModelOracle(Oracle):
         return q
 
 
-def store_folder(cache_dir: str, backend: str, ident: str) -> Path:
+def store_folder(configured: str, backend: str, ident: str) -> Path:
     """The answer cache of one backend configuration: ``<cache root>/oracle-<backend>-<digest>``."""
     digest = hashlib.blake2b(ident.encode(), digest_size=8).hexdigest()
-    return resolve_cache_dir(cache_dir) / f"oracle-{backend}-{digest}"
+    return cache_dir(configured) / f"oracle-{backend}-{digest}"
 
 
 def weights_stamp(files: list[Path]) -> str:
@@ -230,7 +231,7 @@ class LabelsOracle(Oracle):
 
 
 def _labels(cfg: dict[str, Any], dataset: Dataset) -> Oracle:
-    return LabelsOracle(dataset, cfg["seed"])
+    return LabelsOracle(dataset, cfg.seed)
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ BACKENDS: dict[str, Backend] = {
 
 def make_oracle(cfg: dict[str, Any], dataset: Dataset) -> Oracle:
     """Build the oracle backend the run config names (``oracle``)."""
-    name = cfg["oracle"]
+    name = cfg.oracle
     try:
         backend = BACKENDS[name]
     except KeyError:

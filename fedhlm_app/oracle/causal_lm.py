@@ -150,7 +150,7 @@ def serve_openai_compatible(folder: Path, log: Path, timeout: float = 180.0) -> 
 
 
 def from_config(cfg: dict[str, Any], dataset: Dataset) -> CausalLMOracle:
-    return CausalLMOracle(cfg["oracle-model"] or DEFAULT_MODEL, label_prompt(cfg, dataset), cfg["seed"], cfg["cache-dir"], cfg["oracle-batch-size"])
+    return CausalLMOracle(cfg.oracle_model or DEFAULT_MODEL, label_prompt(cfg, dataset), cfg.seed, cfg.cache_dir, cfg.oracle_batch_size)
 
 
 if __name__ == "__main__":  # python -m fedhlm_app.oracle.causal_lm export smollm2 /abs/folder

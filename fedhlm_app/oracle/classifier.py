@@ -60,10 +60,10 @@ def check_checkpoint(folder: Path, class_names: list[str]) -> None:
 
 
 def from_config(cfg: dict[str, Any], dataset: Dataset) -> ClassifierOracle:
-    name = cfg["oracle-model"] or os.environ.get(MODEL_ENV, "")
+    name = cfg.oracle_model or os.environ.get(MODEL_ENV, "")
     if not name:
         raise ConfigError(
             f"oracle 'classifier' needs run-config 'oracle-model' (or ${MODEL_ENV}): a checkpoint folder, "
             "e.g. one written by python -m fedhlm_app.oracle.train_classifier"
         )
-    return ClassifierOracle(Path(name).expanduser(), list(dataset.class_names), cfg["seed"], cfg["cache-dir"], cfg["oracle-batch-size"])
+    return ClassifierOracle(Path(name).expanduser(), list(dataset.class_names), cfg.seed, cfg.cache_dir, cfg.oracle_batch_size)

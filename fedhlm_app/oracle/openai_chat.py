@@ -101,12 +101,12 @@ class OpenAIChatOracle(ModelOracle):
 
 
 def from_config(cfg: dict[str, Any], dataset: Dataset) -> OpenAIChatOracle:
-    url = cfg["oracle-url"] or os.environ.get(URL_ENV, "")
-    if not url or not cfg["oracle-model"]:
+    url = cfg.oracle_url or os.environ.get(URL_ENV, "")
+    if not url or not cfg.oracle_model:
         raise ConfigError(
             f"oracle 'openai' needs 'oracle-url' (or ${URL_ENV}), e.g. http://localhost:8000/v1 for vLLM or "
             "http://localhost:11434/v1 for Ollama, and 'oracle-model', the model name the server knows"
         )
-    client = JSONClient(url.rstrip("/"), cfg["oracle-api-key"] or os.environ.get(KEY_ENV, ""), cfg["oracle-timeout"], cfg["oracle-retries"])
-    return OpenAIChatOracle(client, cfg["oracle-model"], label_prompt(cfg, dataset), cfg["seed"], cfg["cache-dir"],
-                            cfg["oracle-concurrency"], cfg["oracle-batch-size"])
+    client = JSONClient(url.rstrip("/"), cfg.oracle_api_key or os.environ.get(KEY_ENV, ""), cfg.oracle_timeout, cfg.oracle_retries)
+    return OpenAIChatOracle(client, cfg.oracle_model, label_prompt(cfg, dataset), cfg.seed, cfg.cache_dir,
+                            cfg.oracle_concurrency, cfg.oracle_batch_size)

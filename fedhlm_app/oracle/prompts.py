@@ -54,7 +54,7 @@ class LabelPrompt:
 
 def label_prompt(cfg: dict[str, Any], dataset: Dataset) -> LabelPrompt:
     """The run config's prompt: the dataset's class names and ``oracle-few-shot`` train examples per class."""
-    examples = few_shot_examples(dataset.train, cfg["oracle-few-shot"], dataset.num_classes, cfg["seed"])
+    examples = few_shot_examples(dataset.train, cfg.oracle_few_shot, dataset.num_classes, cfg.seed)
     return LabelPrompt(list(dataset.class_names), examples)
 
 

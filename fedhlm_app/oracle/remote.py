@@ -79,9 +79,9 @@ def _join(parts: list[Verification], n: int, num_classes: int) -> Verification:
 
 def from_config(cfg: dict[str, Any], dataset: Dataset) -> RemoteOracle:
     client = JSONClient(
-        base_url=cfg["oracle-url"] or os.environ.get(URL_ENV, "") or DEFAULT_URL,
-        token=cfg["oracle-api-key"] or os.environ.get(TOKEN_ENV, ""),
-        timeout=cfg["oracle-timeout"],
-        retries=cfg["oracle-retries"],
+        base_url=cfg.oracle_url or os.environ.get(URL_ENV, "") or DEFAULT_URL,
+        token=cfg.oracle_api_key or os.environ.get(TOKEN_ENV, ""),
+        timeout=cfg.oracle_timeout,
+        retries=cfg.oracle_retries,
     )
-    return RemoteOracle(client, list(dataset.class_names), cfg["seed"], cfg["oracle-batch-size"])
+    return RemoteOracle(client, list(dataset.class_names), cfg.seed, cfg.oracle_batch_size)

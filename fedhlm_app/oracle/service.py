@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from fedhlm_app.config import ORACLES, ConfigError, validate
+from fedhlm_app.config import ConfigError, validate
+from fedhlm_app.oracle.base import BACKENDS
 from fedhlm_app.oracle.wire import (
     WireError, distribution_reply, parse_distribution_request, parse_verify_request, verify_reply,
 )
@@ -174,19 +175,19 @@ def build_service(backend: str, overrides: list[str], host: str, port: int, toke
                   max_batch: int = MAX_BATCH, max_body_bytes: int = MAX_BODY_BYTES,
                   tls: ssl.SSLContext | None = None) -> OracleService:
     """Validate the config, load the dataset's classes and the backend's model, bind the port."""
-    from fedhlm_app.app.client_app import load_server_dataset
-    from fedhlm_app.tools.launch import merged_config, with_default_paths
     from fedhlm_app.oracle.base import make_oracle
+    from fedhlm_app.slm.local_data import dataset as configured_dataset
+    from fedhlm_app.tools.launch import merged_config, with_default_paths
 
     cfg = validate(with_default_paths({**merged_config([], overrides), "oracle": backend}))
-    dataset = load_server_dataset(cfg)
+    dataset = configured_dataset(cfg)
     oracle = make_oracle(cfg, dataset)
     return OracleService((host, port), oracle, backend, list(dataset.class_names), token, max_batch, max_body_bytes, tls)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", default="labels", choices=[b for b in ORACLES if b != "remote"])
+    parser.add_argument("--backend", default="labels", choices=[b for b in BACKENDS if b != "remote"])
     parser.add_argument("-c", "--run-config", action="append", default=[], help="run-config overrides, e.g. \"oracle-model='x'\"")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8800)

@@ -26,10 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedhlm_app.data.datasets import DATA_DIR_ENV, load_local
+from fedhlm_app.data.datasets import load_local, resolve_data_dir
 from fedhlm_app.slm.features import resolve_model_path
-
-BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data" / "ag_news"
 
 
 def base_folder(base: str) -> str:
@@ -76,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="mpnet", help="mpnet, minilm or a checkpoint folder")
     parser.add_argument("--out", required=True, help="folder to write the classifier to")
-    parser.add_argument("--data-dir", default="", help=f"CSV folder (default: ${DATA_DIR_ENV}, else the bundled AG News)")
+    parser.add_argument("--data-dir", default="", help="CSV folder (default: $FEDHLM_DATA_DIR, else the bundled AG News)")
     parser.add_argument("--train-file", default="train.csv")
     parser.add_argument("--test-file", default="test.csv")
     parser.add_argument("--max-train-items", type=int, default=0, help="0: every train row")
@@ -94,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
     if min(args.epochs, args.batch_size, args.max_length) < 1 or args.lr <= 0:
         parser.error("--epochs, --batch-size and --max-length must be >= 1 and --lr > 0")
-    data = load_local(Path(args.data_dir or os.environ.get(DATA_DIR_ENV, "") or BUNDLED_DATA), args.train_file, args.test_file)
+    data = load_local(resolve_data_dir(args.data_dir), args.train_file, args.test_file)
     rng = np.random.default_rng(args.seed)
     train_idx = rng.permutation(len(data.train.labels))[: args.max_train_items or None]
     texts, labels = [data.train.texts[i] for i in train_idx], data.train.labels[train_idx]

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedhlm_app.app.checkpoint import Progress
+from fedhlm_app.config import RunConfig
+from fedhlm_app.paths import results_dir
 from fedhlm_app.reporting.ledger import Ledger
 from fedhlm_app.routing.p2p import TIERS, PeerCoordinator, wilson_interval
 
-RESULTS_DIR_ENV = "FEDHLM_RESULTS_DIR"
+if TYPE_CHECKING:
+    from fedhlm_app.app.protocol import NodeInfo
+
 POLICY_TITLES = {
     "fedhlm": "FedHLM (learned thresholds)",
     "fedhlm_no_p2p": "FedHLM without P2P",
@@ -43,7 +48,7 @@ def _oracle_block(
     asked = training_items + sum(p["llm_items"] for p in policies.values())
     failed = sum(f["items"] for f in failures)
     return {
-        "backend": cfg["oracle"],
+        "backend": cfg.oracle,
         "oracle_failures": failed,  # items that kept the SLM draft because the oracle did not answer
         "items_asked": asked,
         "failure_rate": failed / asked if asked else 0.0,
@@ -70,11 +75,6 @@ def _log(msg: str, *args: Any) -> None:
     from flwr.common import log  # the Flower logger, so lines interleave with Flower's
 
     log(INFO, msg, *args)
-
-
-def resolve_results_dir(configured: str) -> Path:
-    value = configured or os.environ.get(RESULTS_DIR_ENV, "") or "results"
-    return Path(value).expanduser().resolve()
 
 
 def policy_summary(per_client: dict[int, dict[str, float]]) -> dict[str, float]:
@@ -133,8 +133,8 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n"))
 
 
-def plot_thresholds(rounds: list[dict[str, Any]], path: Path) -> None:
-    """Global and per-cluster threshold per round, with the local loss and escalation rate."""
+def plot_thresholds(rounds: list[dict[str, Any]], uncertainty: str, path: Path) -> None:
+    """Global and per-cluster threshold per round (on the ``uncertainty`` measure), with the local loss and escalation rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +146,7 @@ def plot_thresholds(rounds: list[dict[str, Any]], path: Path) -> None:
         ax.plot(xs, [r["tau_clusters"].get(cluster) for r in rounds], lw=1, alpha=0.7, label=f"cluster {cluster}")
     ax.plot(xs, [r["tau_global"] for r in rounds], "k-", lw=2.5, label="global")
     ax.set_xlabel("threshold round")
-    ax.set_ylabel("threshold tau (normalized entropy)")
+    ax.set_ylabel(f"threshold tau ({uncertainty} uncertainty)")
     loss_ax = ax.twinx()
     # The loss is taken over the items with LLM feedback so far, a set that grows as tau falls.
     loss_ax.plot(xs, [r["loss"] for r in rounds], "r--", lw=1, label="mean local loss (items with feedback)")
@@ -164,7 +164,7 @@ def plot_thresholds(rounds: list[dict[str, Any]], path: Path) -> None:
 def _p2p_block(
     cfg: dict[str, Any],
     evaluation: dict[str, dict[int, dict[str, float]]],
-    info: dict[int, dict[str, Any]],
+    info: dict[int, NodeInfo],
     policies: dict[str, dict[str, float]],
     llm_bytes: dict[str, int],
     peers: PeerCoordinator | None,
@@ -175,8 +175,8 @@ def _p2p_block(
         return {"enabled": False}
     ours = evaluation["fedhlm"]
     per_cluster = {}
-    for cluster in sorted({int(i["cluster-id"]) for i in info.values()}):
-        members = {n: row for n, row in ours.items() if int(info[n]["cluster-id"]) == cluster}
+    for cluster in sorted({i.cluster_id for i in info.values()}):
+        members = {n: row for n, row in ours.items() if info[n].cluster_id == cluster}
         stats = peers.stats.get(cluster)
         per_cluster[str(cluster)] = {
             **p2p_summary(members),
@@ -190,7 +190,7 @@ def _p2p_block(
         "enabled": True,
         **overall,
         "per_cluster": per_cluster,
-        "cost_ratio": cfg["p2p-cost"] / cfg["llm-cost"],
+        "cost_ratio": cfg.p2p_cost / cfg.llm_cost,
         "with_vs_without": {
             "with_p2p": {"accuracy": with_p2p["accuracy"], "llm_rate": with_p2p["llm_rate"], "llm_bytes": llm_bytes["fedhlm"]},
             "without_p2p": {"accuracy": without["accuracy"], "llm_rate": without["llm_rate"], "llm_bytes": llm_bytes["fedhlm_no_p2p"]},
@@ -218,13 +218,13 @@ def summary_table(policies: dict[str, dict[str, float]], llm_bytes: dict[str, in
     return rows
 
 
-def _dropouts(info: dict[int, dict[str, Any]], dropped: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+def _dropouts(info: dict[int, NodeInfo], dropped: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """Nodes that left the run: who (cluster, partition), in which phase, why."""
     return [
         {
             "node_id": node,
-            "cluster": int(info[node]["cluster-id"]) if node in info else None,  # None: left during setup
-            "partition_id": int(info[node]["partition-id"]) if node in info else None,
+            "cluster": info[node].cluster_id if node in info else None,  # None: left during setup
+            "partition_id": info[node].partition_id if node in info else None,
             "phase": where["phase"],
             "round": where["round"],
             "reason": where["reason"],
@@ -240,31 +240,52 @@ def _dropout_lines(dropouts: list[dict[str, Any]], started: int) -> list[str]:
     return [f"- **{len(dropouts)} of {started} clients dropped out**: {who}; the results cover the remaining clients."]
 
 
-def write_report(
-    *,
-    cfg: dict[str, Any],
-    dataset_source: str,
-    class_names: list[str],
-    info: dict[int, dict[str, Any]],
-    evaluation: dict[str, dict[int, dict[str, float]]],
-    rounds: list[dict[str, Any]],
-    head_rounds: list[dict[str, Any]],
-    ledger: Ledger,
-    training_escalations: int,
-    failures: list[dict[str, Any]],
-    timings: dict[str, float],
-    dropped: dict[int, dict[str, Any]] | None = None,
-    rejected: list[dict[str, Any]] | None = None,
-    oracle_failures: list[dict[str, Any]] | None = None,
-    peers: PeerCoordinator | None = None,
-    head_params: list[np.ndarray] | None = None,
-    started_epoch: float | None = None,
-    encoder_rounds: list[dict[str, Any]] | None = None,
-    encoder_params: list[np.ndarray] | None = None,
-) -> Path:
-    """Write results.json, thresholds.png and summary.md; point ``latest`` at them."""
-    run_name = cfg["run-name"] or time.strftime("%Y%m%d-%H%M%S")
-    root = resolve_results_dir(cfg["results-dir"])
+@dataclass(frozen=True)
+class SavedModel:
+    """What ``model.npz`` holds: the global head, the fine-tuned encoder layers (empty when the encoder
+    stayed frozen) and the pooled label counts the clients re-weighted the head with (None without
+    the local label prior)."""
+
+    head: list[np.ndarray]
+    encoder: list[np.ndarray]
+    label_counts: np.ndarray | None
+
+    @staticmethod
+    def load(path: Path) -> SavedModel:
+        with np.load(path) as saved:
+            layers = lambda prefix: [saved[f"{prefix}_{i}"] for i in range(sum(k.startswith(prefix + "_") for k in saved.files))]  # noqa: E731
+            return SavedModel(layers("head"), layers("encoder"), saved["label_counts"] if "label_counts" in saved.files else None)
+
+
+@dataclass
+class RunOutcome:
+    """Everything a finished run measured, as the report reads it."""
+
+    cfg: RunConfig
+    dataset_source: str
+    class_names: list[str]
+    info: dict[int, NodeInfo]  # node -> what it reported at setup (the nodes that passed it)
+    evaluation: dict[str, dict[int, dict[str, float]]]  # policy -> node -> its scores
+    progress: Progress  # rounds, histories, the trained models
+    ledger: Ledger
+    failures: list[dict[str, Any]]
+    dropped: dict[int, dict[str, Any]]
+    rejected: list[dict[str, Any]]
+    oracle_failures: list[dict[str, Any]]
+    peers: PeerCoordinator | None
+    pooled_label_counts: np.ndarray | None
+    timings: dict[str, float]
+    started_epoch: float
+
+
+def write_report(outcome: RunOutcome) -> Path:
+    """Write results.json, model.npz, thresholds.png and summary.md; point ``latest`` at them."""
+    o = outcome
+    cfg, info, evaluation, ledger, peers, timings = o.cfg, o.info, o.evaluation, o.ledger, o.peers, o.timings
+    rounds, training_escalations = o.progress.rounds, o.progress.training_escalations
+    dropped = o.dropped
+    run_name = cfg.run_name
+    root = results_dir(cfg.results_dir)
     out = root / run_name
     out.mkdir(parents=True, exist_ok=True)
 
@@ -274,17 +295,17 @@ def write_report(
     cloud_rate = policies["cloud_only"]["llm_rate"] or 1.0
     llm_bytes = {name: ledger.total(f"inference:{name}", "client->llm") for name in policies}
     clients = []
-    for node, row in sorted(evaluation["fedhlm"].items(), key=lambda kv: info[kv[0]]["partition-id"]):
+    for node, row in sorted(evaluation["fedhlm"].items(), key=lambda kv: info[kv[0]].partition_id):
         n = row["num-examples"] or 1
         clients.append(
             {
                 "node_id": node,
-                "partition_id": int(info[node]["partition-id"]),
-                "cluster": int(info[node]["cluster-id"]),
+                "partition_id": info[node].partition_id,
+                "cluster": info[node].cluster_id,
                 "tau": row["tau"],
                 "num_test": int(row["num-examples"]),
-                "num_calibration": int(info[node]["n-calibration"]),
-                "num_fit": int(info[node]["n-fit"]),
+                "num_calibration": info[node].n_calibration,
+                "num_fit": info[node].n_fit,
                 "accuracy": row["correct"] / n,
                 "slm_accuracy": row["slm-correct"] / n,
                 "llm_rate": row["escalated"] / n,
@@ -294,7 +315,7 @@ def write_report(
         )
     clusters = {}
     for cluster in sorted({c["cluster"] for c in clients}):
-        members = {node: evaluation["fedhlm"][node] for node in evaluation["fedhlm"] if int(info[node]["cluster-id"]) == cluster}
+        members = {node: evaluation["fedhlm"][node] for node in evaluation["fedhlm"] if info[node].cluster_id == cluster}
         clusters[str(cluster)] = {**policy_summary(members), "clients": len(members)}
     results = {
         "run_name": run_name,
@@ -305,11 +326,11 @@ def write_report(
         "p2p_rate": ours["p2p_rate"],
         "tiers": ours_p2p["tiers"],
         "num_test_items": ours["num_items"],
-        "final_threshold": rounds[-1]["tau_global"] if rounds else cfg["tau-init"],
+        "final_threshold": rounds[-1]["tau_global"] if rounds else cfg.tau_init,
         "baselines": {
             "slm_only": policies["slm_only"],
             "cloud_only": policies["cloud_only"],
-            "static_threshold": {**policies["static_threshold"], "tau": cfg["static-threshold"]},
+            "static_threshold": {**policies["static_threshold"], "tau": cfg.static_threshold},
         },
         "thresholds": {
             "global": [r["tau_global"] for r in rounds],
@@ -317,11 +338,11 @@ def write_report(
             "rounds": rounds,
         },
         "p2p": _p2p_block(cfg, evaluation, info, policies, llm_bytes, peers, ours_p2p),
-        "head_rounds": head_rounds,
-        "encoder_rounds": encoder_rounds or [],
+        "head_rounds": o.progress.head.history,
+        "encoder_rounds": o.progress.encoder.history,
         "training": {
             "llm_items": training_escalations,
-            "calibration_items": int(sum(i["n-calibration"] for i in info.values())),
+            "calibration_items": sum(i.n_calibration for i in info.values()),
         },
         "clients": clients,
         "clients_with_own_label_prior": sum(c["own_label_prior"] for c in clients),
@@ -333,37 +354,39 @@ def write_report(
             "inference_llm_bytes": {name: llm_bytes[name] for name in policies},
             "p2p_bytes": ledger.total("p2p"),
         },
-        "failures": failures,
-        "dropouts": _dropouts(info, dropped or {}),
-        "rejected_updates": rejected or [],  # invalid updates dropped before aggregation
-        "oracle": _oracle_block(cfg, oracle_failures or [], training_escalations, policies),
-        "dataset": {"source": dataset_source, "classes": class_names},
+        "failures": o.failures,
+        "dropouts": _dropouts(info, dropped),
+        "rejected_updates": o.rejected,  # invalid updates dropped before aggregation
+        "oracle": _oracle_block(cfg, o.oracle_failures, training_escalations, policies),
+        "dataset": {"source": o.dataset_source, "classes": o.class_names},
         "wall_time_s": timings["total"],
         "timings_s": timings,
-        "started_epoch": started_epoch,  # when the ServerApp started (Unix time), for bench/main_job.py
-        "config": {k: _config_value(k, v) for k, v in cfg.items()},
+        "started_epoch": o.started_epoch,  # when the ServerApp started (Unix time), for bench/main_job.py
+        "config": {k: _config_value(k, v) for k, v in cfg.as_dict().items()},
     }
     _write_json(out / "results.json", results)
+    head_params, encoder_params = o.progress.head.params, o.progress.encoder.params
     if head_params is not None:
-        # The learned model: the global head, the fine-tuned encoder layers (if any) and each
-        # client's threshold (for later analysis).
+        # The learned model: the global head, the fine-tuned encoder layers (if any), the pooled
+        # label counts the clients re-weighted it with, and each client's threshold.
+        pooled = {"label_counts": o.pooled_label_counts} if o.pooled_label_counts is not None else {}
         _write_atomically(out / "model.npz", lambda tmp: np.savez(
             tmp, **{f"head_{i}": p for i, p in enumerate(head_params)},
-            **{f"encoder_{i}": p for i, p in enumerate(encoder_params or [])},
+            **{f"encoder_{i}": p for i, p in enumerate(encoder_params or [])}, **pooled,
             partition_ids=np.array([c["partition_id"] for c in clients]), taus=np.array([c["tau"] for c in clients]),
             clusters=np.array([c["cluster"] for c in clients]),
         ))
     if rounds:
-        plot_thresholds(rounds, out / "thresholds.png")
+        plot_thresholds(rounds, cfg.uncertainty, out / "thresholds.png")
 
     table = summary_table(policies, llm_bytes)
     lines = [
         f"# FedHLM run `{run_name}`",
         "",
         *_oracle_warning(results["oracle"]),
-        f"{len(clients)} clients in {len(clusters)} clusters, Dirichlet alpha {cfg['dirichlet-alpha']}, "
-        f"{len(rounds)} threshold rounds, strategy `{cfg['strategy']}`, oracle `{cfg['oracle']}`, "
-        f"SLM `{cfg['slm-model']}`, data `{dataset_source}`.",
+        f"{len(clients)} clients in {len(clusters)} clusters, Dirichlet alpha {cfg.dirichlet_alpha}, "
+        f"{len(rounds)} threshold rounds, strategy `{cfg.strategy}`, oracle `{cfg.oracle}`, "
+        f"SLM `{cfg.slm_model}`, data `{o.dataset_source}`.",
         "",
         *table,
         "",
@@ -379,7 +402,7 @@ def write_report(
             if results["p2p"]["enabled"]
             else []
         ),
-        *_dropout_lines(results["dropouts"], len(set(info) | set(dropped or {}))),  # setup skips are not in info
+        *_dropout_lines(results["dropouts"], len(set(info) | set(dropped))),  # setup skips are not in info
         *(
             [f"- **{len(results['rejected_updates'])} invalid client updates rejected before aggregation** "
              "(`rejected_updates` in results.json names node, round and reason)."]

@@ -47,6 +47,17 @@ class ClassSums:
         return self.sums / np.maximum(self.counts, 1.0)[:, None]
 
 
+@dataclass(frozen=True)
+class Prototypes:
+    """What a client of a cluster holds (its token cache): its cluster's class prototypes and its neighbours'."""
+
+    own: np.ndarray  # (C, D)
+    neighbours: list[np.ndarray]
+
+    def stacked(self) -> np.ndarray:
+        return np.stack([self.own, *self.neighbours])
+
+
 def prototypes_changed(old: np.ndarray | None, new: np.ndarray, tolerance: float = 2e-3) -> bool:
     """Whether prototypes moved enough to be worth sending again (cosines shift < tolerance)."""
     return old is None or old.shape != new.shape or bool(np.max(np.abs(old - new), initial=0.0) > tolerance)
@@ -152,7 +163,7 @@ class PeerCoordinator:
         self.stats: dict[int, HitStats] = {}
         # Clients send their sums only when they changed, so the edge keeps the latest of each.
         self._latest: dict[int, tuple[int, ClassSums]] = {}
-        self._views: dict[int, tuple[np.ndarray, list[np.ndarray]] | None] = {}  # per cluster, until the next refresh
+        self._views: dict[int, Prototypes | None] = {}  # per cluster, until the next refresh
 
     def refresh(self, contributions: dict[int, tuple[int, ClassSums]]) -> None:
         """Take clients' new sums ({node: (cluster, sums)}) and rebuild each cluster's total.
@@ -175,12 +186,13 @@ class PeerCoordinator:
     def prototypes(self) -> dict[int, np.ndarray]:
         return {c: s.prototypes() for c, s in sorted(self.sums.items())}
 
-    def view(self, cluster: int) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    def view(self, cluster: int) -> Prototypes | None:
         """What a client of ``cluster`` receives: its prototypes and its neighbours' (computed once per refresh)."""
         if cluster not in self._views:
             protos = self.prototypes()
             self._views[cluster] = (
-                (protos[cluster], [protos[c] for c in neighbours(cluster, protos, self.scope, self.k)]) if cluster in protos else None
+                Prototypes(protos[cluster], [protos[c] for c in neighbours(cluster, protos, self.scope, self.k)])
+                if cluster in protos else None
             )
         return self._views[cluster]
 

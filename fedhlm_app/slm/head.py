@@ -167,7 +167,7 @@ class SoftmaxHead:
 
 def head_from_config(cfg: Mapping[str, Any], dim: int, num_classes: int, seed: int = 0) -> SoftmaxHead:
     """The head a run config describes (``head-hidden``, ``ngram-buckets``) on ``dim``-wide embeddings."""
-    return SoftmaxHead(dim, num_classes, cfg["head-hidden"], seed, cfg["ngram-buckets"])
+    return SoftmaxHead(dim, num_classes, cfg.head_hidden, seed, cfg.ngram_buckets)
 
 
 class Adam:

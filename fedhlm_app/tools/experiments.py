@@ -24,8 +24,8 @@ import numpy as np
 
 from fedhlm_app.reporting import evaluation as ev
 from fedhlm_app.reporting import frontier
-from fedhlm_app.config import validate
-from fedhlm_app.tools.launch import ROOT, merged_config, with_default_paths
+from fedhlm_app.config import RunConfig, validate
+from fedhlm_app.tools.launch import ROOT, resolved_config
 
 ALPHAS = [0.05, 0.1, 0.3, 0.5, 1.0, 10.0, float("inf")]
 LAMBDAS = [0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.375, 0.45, 0.55]
@@ -49,63 +49,59 @@ def variants(quick: bool) -> dict[str, dict[str, Any]]:
     return runs
 
 
-def _run(base: dict[str, Any], name: str, overrides: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
+def _run(base: RunConfig, name: str, overrides: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
     from fedhlm_app.tools.inprocess import run_inprocess
 
-    cfg = validate({**base, **overrides, "seed": seed, "run-name": f"{name}-seed{seed}".replace("=", "-"), "results-dir": str(out / "runs")})
+    cfg = validate({**base.as_dict(), **overrides, "seed": seed, "run-name": f"{name}-seed{seed}".replace("=", "-"),
+                    "results-dir": str(out / "runs")})
     started = time.monotonic()
-    run_inprocess(cfg)
-    results = json.loads((out / "runs" / cfg["run-name"] / "results.json").read_text())
+    run_inprocess(cfg.as_dict())
+    results = json.loads((out / "runs" / cfg.run_name / "results.json").read_text())
     results["harness_wall_s"] = time.monotonic() - started
     return results
 
 
-def item_outcomes(cfg: dict[str, Any], run_dir: Path) -> dict[str, np.ndarray]:
-    """Per-item SLM distribution, uncertainty and correctness on every client's test items, and
-    the calibration items' distribution, label, uncertainty and LLM feedback beta."""
-    from fedhlm_app.app.client_app import _local_data_cached, _local_texts, head_outputs, load_server_dataset, own_label_counts, routing_of
-    from fedhlm_app.slm.head import head_from_config
-    from fedhlm_app.oracle.base import make_oracle, verify_safely
+def item_outcomes(cfg: RunConfig, run_dir: Path) -> dict[str, np.ndarray]:
+    """Per-item outcomes of a finished run, computed by the clients' own code from its saved model:
+    each client's data (``local_data``), the head's outputs with the label prior (``head_outputs``)
+    and their uncertainty and drafts (``Routing.of``); the oracle's answer on every test item (as
+    under cloud-only) and its rejection probability beta on every calibration item."""
+    from fedhlm_app.oracle.base import EscalationBatch, make_oracle, verify_safely
+    from fedhlm_app.paths import cache_dir
+    from fedhlm_app.reporting.results import SavedModel
+    from fedhlm_app.routing.router import Routing
     from fedhlm_app.routing.speculative import rejection_probability
+    from fedhlm_app.slm.finetune import EncoderTuner
+    from fedhlm_app.slm.head import head_from_config
+    from fedhlm_app.slm.local_data import Placement, dataset, local_data, local_texts
+    from fedhlm_app.slm.predict import head_outputs
 
-    model = np.load(run_dir / "model.npz")
-    dataset = load_server_dataset(cfg)
-    oracle = make_oracle(cfg, dataset)
-    encoder = [model[f"encoder_{i}"] for i in range(sum(k.startswith("encoder_") for k in model.files))]
-    if encoder:  # the run fine-tuned the encoder: featurize with it (the clients' checkpoint, same digest)
-        from fedhlm_app.slm.features import resolve_cache_dir
-        from fedhlm_app.slm.finetune import EncoderTuner
-
-        tuner = EncoderTuner(cfg["slm-model"], cfg["encoder-layers"], dataset.num_classes).set_arrays(encoder)
-        cfg = {**cfg, "slm-model": str(tuner.install(resolve_cache_dir(cfg["cache-dir"])))}
+    model = SavedModel.load(run_dir / "model.npz")
+    data_set = dataset(cfg)
+    oracle = make_oracle(cfg, data_set)
+    encoder = ""
+    if model.encoder:  # the run fine-tuned the encoder: featurize with it (the clients' checkpoint, same digest)
+        tuner = EncoderTuner(cfg.slm_model, cfg.encoder_layers, data_set.num_classes).set_arrays(model.encoder)
+        encoder = str(tuner.install(cache_dir(cfg.cache_dir)))
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("p", "u", "slm", "llm", "client", "p_cal", "y_cal", "u_cal", "beta_cal")}
-    params = [model[f"head_{i}"] for i in range(sum(k.startswith("head_") for k in model.files))]
-    key, n = tuple(sorted(cfg.items())), cfg["num-clients"]
-    own = [own_label_counts(_local_texts(key, pid, n, "")) for pid in range(n)] if cfg["local-label-prior"] else [None] * n
-    pooled = np.sum(own, axis=0) if cfg["local-label-prior"] else None
-    for pid in range(n):
-        data = _local_data_cached(key, pid, n, "")
-        head = head_from_config(cfg, data.fit.x.shape[1], data.num_classes).set_params(params)
-        probs = head_outputs(head, data, own[pid], pooled)[0]
-        p, u, draft = routing_of(probs["test"], cfg["uncertainty"])
-        verification = verify_safely(oracle, _batch(data.test.texts, p, draft))
-        out["p"].append(p)
-        out["u"].append(u)
-        out["slm"].append(draft == data.test.y)
-        out["llm"].append(verification.final_classes(draft) == data.test.y)
-        out["client"].append(np.full(len(draft), pid))
-        pc, u_cal, draft_cal = routing_of(probs["calibration"], cfg["uncertainty"])
-        out["p_cal"].append(pc)
+    for pid in range(cfg.num_clients):
+        placement = Placement.of({"partition-id": pid, "num-partitions": cfg.num_clients}, cfg)
+        data = local_data(cfg, placement, encoder)
+        own = local_texts(cfg, placement).own_label_counts() if model.label_counts is not None else None
+        head = head_from_config(cfg, data.dim, data.num_classes).set_params(model.head)
+        probs = head_outputs(head, data, own, model.label_counts).probs
+        test, calibration = Routing.of(probs["test"], cfg.uncertainty), Routing.of(probs["calibration"], cfg.uncertainty)
+        every_item = EscalationBatch(np.arange(len(data.test)), data.test.texts, test.probs, test.drafts)
+        out["p"].append(test.probs)
+        out["u"].append(test.uncertainty)
+        out["slm"].append(test.drafts == data.test.y)
+        out["llm"].append(verify_safely(oracle, every_item).final_classes(test.drafts) == data.test.y)
+        out["client"].append(np.full(len(test.drafts), pid))
+        out["p_cal"].append(calibration.probs)
         out["y_cal"].append(data.calibration.y)
-        out["u_cal"].append(u_cal)
-        out["beta_cal"].append(rejection_probability(pc, oracle.distribution(data.calibration.texts), draft_cal))
+        out["u_cal"].append(calibration.uncertainty)
+        out["beta_cal"].append(rejection_probability(calibration.probs, oracle.distribution(data.calibration.texts), calibration.drafts))
     return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def _batch(texts: list[str], probs: np.ndarray, drafts: np.ndarray):
-    from fedhlm_app.oracle.base import EscalationBatch
-
-    return EscalationBatch(ids=np.arange(len(texts)), texts=texts, probs=probs, drafts=drafts)
 
 
 def _policy(results: dict[str, Any], key: str) -> dict[str, float]:
@@ -363,13 +359,13 @@ def chosen_levers(args: argparse.Namespace) -> list[str]:
     return ["default"] + [name for name in args.levers if name != "default"]
 
 
-def measure_lever(base: dict[str, Any], name: str, seed: int, out: Path, runs: dict[str, dict[str, Any]],
+def measure_lever(base: RunConfig, name: str, seed: int, out: Path, runs: dict[str, dict[str, Any]],
                   main_items: dict[str, np.ndarray]) -> dict[str, Any]:
     """One lever's frontier row for one seed; the default lever is the main (hierarchical) run."""
     overrides = frontier.LEVERS[name].overrides
     if overrides:
         results = _run(base, f"lever-{name}", overrides, seed, out)
-        items = item_outcomes(validate({**base, **overrides, "seed": seed}), out / "runs" / results["config"]["run-name"])
+        items = item_outcomes(validate({**base.as_dict(), **overrides, "seed": seed}), out / "runs" / results["config"]["run-name"])
     else:
         results, items = runs["hierarchical"], main_items
     row = frontier.frontier_row(items, results["config"]["uncertainty"])
@@ -393,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     FLOWER_LOGGER.setLevel(logging.WARNING)  # dozens of runs: keep only the harness's own lines
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base = validate(with_default_paths(merged_config([str(ROOT / "conf" / "paper.toml")], args.run_config)))
+    base = resolved_config([str(ROOT / "conf" / "paper.toml")], args.run_config)
     levers = chosen_levers(args)
     started = time.monotonic()
     runs_cfg = variants(args.quick)
@@ -404,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[name] = _run(base, name, overrides, seed, out)
             print(f"seed {seed} {name}: accuracy {runs[name]['accuracy']:.4f}, LLM rate {runs[name]['llm_rate']:.4f} "
                   f"({runs[name]['harness_wall_s']:.0f} s)", flush=True)
-        main_cfg = validate({**base, "seed": seed})
+        main_cfg = base.replace(seed=seed)
         items = item_outcomes(main_cfg, out / "runs" / f"hierarchical-seed{seed}")
         cloud = runs["hierarchical"]["baselines"]["cloud_only"]
         bytes_per_item = runs["hierarchical"]["communication"]["inference_llm_bytes"]["cloud_only"] / max(cloud["llm_items"], 1)

@@ -99,6 +99,6 @@ def run_inprocess(run_config: dict[str, Any], node_configs: list[dict[str, Any]]
 
 
 def results_path(run_config: dict[str, Any]) -> Path:
-    from fedhlm_app.reporting.results import resolve_results_dir
+    from fedhlm_app.paths import results_dir
 
-    return resolve_results_dir(str(run_config["results-dir"])) / str(run_config["run-name"])
+    return results_dir(str(run_config["results-dir"])) / str(run_config["run-name"])

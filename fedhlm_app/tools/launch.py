@@ -34,13 +34,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from fedhlm_app.config import ConfigError, validate
-from fedhlm_app.data.datasets import DATA_DIR_ENV, DataError, load_local, resolve_data_dir
+from fedhlm_app import paths
+from fedhlm_app.config import ConfigError, RunConfig, validate
+from fedhlm_app.data.datasets import DataError, load_local, resolve_data_dir
 from fedhlm_app.slm.features import resolve_model_path
 from fedhlm_app.data.partition import configured_partitions
 
 ROOT = Path(__file__).resolve().parents[2]
-BUNDLED_DATA = ROOT / "data" / "ag_news"
 
 
 def merged_config(presets: list[str], overrides: list[str]) -> dict[str, Any]:
@@ -61,40 +61,42 @@ def merged_config(presets: list[str], overrides: list[str]) -> dict[str, Any]:
 
 
 def with_default_paths(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Absolute paths (the ServerApp runs in the SuperLink's cwd, the ClientApps in Ray workers)."""
-    out = dict(cfg)
-    if not out["data-dir"]:
-        out["data-dir"] = os.environ.get(DATA_DIR_ENV, "") or str(BUNDLED_DATA)
-    out["data-dir"] = str(Path(out["data-dir"]).expanduser().resolve())
-    out["results-dir"] = str(Path(out["results-dir"] or ROOT / "results").expanduser().resolve())
-    out["cache-dir"] = str(Path(out["cache-dir"] or ROOT / ".cache" / "features").expanduser().resolve())
-    return out
+    """The data, cache and results folders as absolute paths, by the rules of ``fedhlm_app.paths``,
+    resolved here (the ServerApp runs in the SuperLink's cwd, the ClientApps in Ray workers)."""
+    data = paths.data_dir(cfg["data-dir"])
+    return {**cfg, "data-dir": str(data or ""), "results-dir": str(paths.results_dir(cfg["results-dir"])),
+            "cache-dir": str(paths.cache_dir(cfg["cache-dir"]))}
 
 
-def check_local_data(cfg: dict[str, Any]) -> None:
+def resolved_config(presets: list[str], overrides: list[str]) -> RunConfig:
+    """pyproject defaults < presets < overrides, with absolute paths, validated."""
+    return validate(with_default_paths(merged_config(presets, overrides)))
+
+
+def check_local_data(cfg: RunConfig) -> None:
     """Read the local CSVs and partition them once, so a broken dataset or an impossible
     partition (``min-partition-size``) fails before Ray starts, not in every client."""
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in {"", "0"}
-    if cfg["data-source"] == "local" or (cfg["data-source"] == "auto" and offline):
-        ds = load_local(resolve_data_dir(cfg["data-dir"]), cfg["train-file"], cfg["test-file"])
-        ds = ds.truncated(cfg["max-train-items"], cfg["max-test-items"], cfg["seed"])
+    if cfg.data_source == "local" or (cfg.data_source == "auto" and offline):
+        ds = load_local(resolve_data_dir(cfg.data_dir), cfg.train_file, cfg.test_file)
+        ds = ds.truncated(cfg.max_train_items, cfg.max_test_items, cfg.seed)
         try:
-            configured_partitions(ds.train.labels, ds.test.labels, cfg["num-clients"], cfg)
+            configured_partitions(ds.train.labels, ds.test.labels, cfg.num_clients, cfg)
         except ValueError as exc:
             raise DataError(str(exc)) from exc
 
 
-def check_model(cfg: dict[str, Any]) -> None:
+def check_model(cfg: RunConfig) -> None:
     """The SLM exists (and has the layers fine-tuning asks for) before Ray starts."""
     try:
-        path = Path(resolve_model_path(cfg["slm-model"]))
+        path = Path(resolve_model_path(cfg.slm_model))
     except FileNotFoundError as exc:  # a packaged model whose wheels are missing
         raise ConfigError(str(exc)) from exc
     config_file = path / "config.json"
-    if cfg["encoder-rounds"] and config_file.is_file():
+    if cfg.encoder_rounds and config_file.is_file():
         layers = int(json.loads(config_file.read_text()).get("num_hidden_layers", 0))
-        if cfg["encoder-layers"] > layers:
-            raise ConfigError(f"encoder-layers = {cfg['encoder-layers']}, but '{cfg['slm-model']}' has {layers} layers")
+        if cfg.encoder_layers > layers:
+            raise ConfigError(f"encoder-layers = {cfg.encoder_layers}, but '{cfg.slm_model}' has {layers} layers")
 
 
 APP_FILES = ("pyproject.toml", "server_app.py", "client_app.py", "fedhlm_app/**/*.py")
@@ -180,13 +182,13 @@ def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
             proc.wait()
 
 
-def run_app(cfg: dict[str, Any], app_dir: Path, connection: str, env: dict[str, str], extra: list[str] = ()) -> str:
+def run_app(cfg: RunConfig, app_dir: Path, connection: str, env: dict[str, str], extra: list[str] = ()) -> str:
     """``flwr run --stream`` the staged app with exactly ``cfg``; return the run's final status.
 
     ``flwr run`` exits 0 even when the app failed, so the status comes from ``flwr ls``.
     """
     # Every key is passed explicitly, so what runs is exactly the validated, merged config.
-    overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.items())
+    overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.as_dict().items())
     cmd = [flower_bin("flwr"), "run", str(stage_app(app_dir)), connection, "--stream", "--run-config", overrides, *extra]
     run_started = time.monotonic()
     subprocess.run(cmd, env=env, cwd=ROOT, check=False)
@@ -196,7 +198,7 @@ def run_app(cfg: dict[str, Any], app_dir: Path, connection: str, env: dict[str, 
     return str(runs[-1]["status"]) if runs else "unknown"
 
 
-def run_simulation(cfg: dict[str, Any], flwr_home: Path, cpus_per_client: int) -> str:
+def run_simulation(cfg: RunConfig, flwr_home: Path, cpus_per_client: int) -> str:
     """Run the app on a fresh local SuperLink; return the final run status."""
     port = free_port()
     write_connection(flwr_home, "fedhlm-sim", f"127.0.0.1:{port}")
@@ -212,7 +214,7 @@ def run_simulation(cfg: dict[str, Any], flwr_home: Path, cpus_per_client: int) -
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", superlink, "SuperLink", log_path)
         print(f"fedhlm: SuperLink ready in {time.monotonic() - started:.1f} s", flush=True)
-        simulation = f"num-supernodes={cfg['num-clients']} client-resources-num-cpus={cpus_per_client}"
+        simulation = f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cpus_per_client}"
         return run_app(cfg, flwr_home / "app", "fedhlm-sim", env, ["--federation-config", simulation])
     finally:
         stopping = time.monotonic()
@@ -229,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-only", action="store_true", help="validate the config and data, then exit")
     args = parser.parse_args(argv)
     try:
-        cfg = with_default_paths(merged_config(args.presets, args.run_config))
-        cfg = {**cfg, **{k: v for k, v in validate(cfg).items() if k in cfg}}
+        cfg = resolved_config(args.presets, args.run_config)
         check_local_data(cfg)
         check_model(cfg)
     except (ConfigError, DataError) as exc:

@@ -25,11 +25,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 
-from fedhlm_app.config import ConfigError, validate
+from fedhlm_app.config import ConfigError, RunConfig, validate
 from fedhlm_app.data.datasets import DataError, load_local, resolve_data_dir
 from fedhlm_app.tools.deploy.credentials import write_node_key, write_tls
 from fedhlm_app.tools.deploy.node_data import write_node_folders
@@ -47,7 +46,7 @@ class LoopbackDeployment:
     """One SuperLink and its SuperNodes under ``workdir``; a context manager that stops them all."""
 
     workdir: Path
-    cfg: dict[str, Any]  # the validated run config, absolute paths
+    cfg: RunConfig  # the validated run config, absolute paths
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # name -> process
     port: int = 0
 
@@ -71,7 +70,7 @@ class LoopbackDeployment:
         write_tls(self.secrets, ["localhost", "127.0.0.1"])
         for i in range(num_nodes):
             write_node_key(self.secrets / f"node-{i}")
-        dataset = load_local(resolve_data_dir(self.cfg["data-dir"]), self.cfg["train-file"], self.cfg["test-file"])
+        dataset = load_local(resolve_data_dir(self.cfg.data_dir), self.cfg.train_file, self.cfg.test_file)
         write_node_folders(dataset, self.cfg, num_nodes, self.workdir / "node-data")
 
     def _start(self, name: str, cmd: list[str], flwr_home: Path) -> subprocess.Popen:
@@ -137,12 +136,12 @@ class LoopbackDeployment:
         psutil.wait_procs(alive, timeout=10)
 
 
-def deploy(cfg: dict[str, Any], workdir: Path, num_nodes: int) -> str:
+def deploy(cfg: RunConfig, workdir: Path, num_nodes: int) -> str:
     """The standard sequence: prepare, SuperLink, register and start every node, run; the status."""
     with LoopbackDeployment(workdir, cfg) as deployment:
         deployment.prepare(num_nodes)
         deployment.start_superlink()
-        clusters = [cluster_of_partition(i, num_nodes, cfg["num-clusters"]) for i in range(num_nodes)]
+        clusters = [cluster_of_partition(i, num_nodes, cfg.num_clusters) for i in range(num_nodes)]
         for node, cluster in enumerate(clusters):
             deployment.register(node, cluster)
         for node, cluster in enumerate(clusters):

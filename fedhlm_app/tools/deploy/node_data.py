@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import csv
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from fedhlm_app.config import ConfigError, validate
+from fedhlm_app.config import ConfigError, RunConfig, validate
 from fedhlm_app.data.datasets import DataError, Dataset, Split, load_local, resolve_data_dir
 from fedhlm_app.tools.launch import merged_config
 from fedhlm_app.data.partition import configured_partitions
@@ -34,9 +33,9 @@ def _write_split(path: Path, split: Split, class_names: list[str]) -> None:
         writer.writerows((class_names[int(y)], text) for text, y in zip(split.texts, split.labels))
 
 
-def write_node_folders(dataset: Dataset, cfg: dict[str, Any], num_partitions: int, out: Path) -> list[Path]:
+def write_node_folders(dataset: Dataset, cfg: RunConfig, num_partitions: int, out: Path) -> list[Path]:
     """``out/partition-<i>`` for each partition: its train rows (fit and calibration) and test rows."""
-    subset = dataset.truncated(cfg["max-train-items"], cfg["max-test-items"], cfg["seed"])
+    subset = dataset.truncated(cfg.max_train_items, cfg.max_test_items, cfg.seed)
     train, test = subset.train, subset.test
     parts = configured_partitions(train.labels, test.labels, num_partitions, cfg)
     folders = []
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--num-partitions must be >= 1, got {args.num_partitions}")
     try:
         cfg = validate(merged_config([str(p) for p in args.run_config], []))
-        dataset = load_local(resolve_data_dir(args.data_dir), cfg["train-file"], cfg["test-file"])
+        dataset = load_local(resolve_data_dir(args.data_dir), cfg.train_file, cfg.test_file)
         folders = write_node_folders(dataset, cfg, args.num_partitions, args.out)
     except (ConfigError, DataError, ValueError) as exc:
         parser.error(str(exc))

@@ -1,0 +1,299 @@
+"""An edge device: its typed state and the operations the ClientApp's handlers call.
+
+``NodeState`` is the only reader and writer of ``context.state`` (Flower keeps it on the
+node between messages; it never leaves the node). What it holds, and which operation
+writes it:
+
+==================  ========================================  ==============================
+state               what                                      written by
+==================  ========================================  ==============================
+``encoder``         folder of the installed fine-tuned        ``install_encoder``
+                    encoder (featurize with it)
+``head_outputs``    the final head's class probabilities of   ``install_head``
+                    every local item (with the label prior)
+``tau``             the client's threshold tau_i              ``install_head`` (resume),
+                                                              ``calibrate``, ``train_threshold``,
+                                                              ``route`` (own threshold)
+``feedback``        the LLM's verdicts on calibration items   ``install_head`` (resume),
+                                                              ``train_threshold``
+``prototypes``      the cluster's P2P prototypes              ``calibrate``, ``route``
+``class_sums_sent`` the class sums last shared with the edge  ``train_threshold``
+``tiers``           where each query went under the policy    ``route``, read by ``score``
+                    being evaluated
+==================  ========================================  ==============================
+
+The head's weights are not kept: routing needs only its outputs, and a head with n-gram
+weights is megabytes that Flower's simulation would move with the node's state on every
+message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+
+from fedhlm_app.app.protocol import (
+    Calibrate, ClientMemory, ClientUpdate, Escalation, Feedback, InstallHead, NodeInfo, RouteQueries, ThresholdReply, Train,
+    named_arrays, pack_class_sums, pack_prototypes, record_named_arrays, to_numpy, unpack_class_sums, unpack_prototypes,
+)
+from fedhlm_app.config import RunConfig, run_config_of
+from fedhlm_app.oracle.base import EscalationBatch
+from fedhlm_app.paths import cache_dir
+from fedhlm_app.routing import router
+from fedhlm_app.routing.p2p import ClassSums, Prototypes, prototypes_changed
+from fedhlm_app.routing.threshold import ThresholdConfig, local_update, loss, personalize
+from fedhlm_app.slm.finetune import TuningConfig, get_tuner
+from fedhlm_app.slm.head import HeadConfig, head_from_config
+from fedhlm_app.slm.local_data import LocalData, LocalTexts, Placement, local_data, local_texts
+from fedhlm_app.slm.predict import HeadOutputs, head_outputs
+
+
+class NodeState:
+    """Typed view of a node's ``context.state``."""
+
+    def __init__(self, state: RecordDict) -> None:
+        self._state = state
+
+    def _require(self, key: str, written_by: str) -> object:
+        if key not in self._state:
+            raise RuntimeError(f"node state '{key}' is missing: '{written_by}' must come first")
+        return self._state[key]
+
+    @property
+    def encoder(self) -> str:
+        return str(self._state["encoder"]["path"]) if "encoder" in self._state else ""
+
+    @encoder.setter
+    def encoder(self, path: str) -> None:
+        self._state["encoder"] = ConfigRecord({"path": path})
+
+    @property
+    def head_outputs(self) -> HeadOutputs:
+        record = self._require("head-outputs", "query.install_head")
+        return HeadOutputs(record_named_arrays(record), bool(self._state["label-prior"]["queries-own-prior"]))
+
+    @head_outputs.setter
+    def head_outputs(self, outputs: HeadOutputs) -> None:
+        self._state["head-outputs"] = named_arrays(outputs.probs)
+        self._state["label-prior"] = ConfigRecord({"queries-own-prior": int(outputs.queries_own_prior)})
+
+    @property
+    def tau(self) -> float | None:
+        return float(self._state["threshold"]["tau"]) if "threshold" in self._state else None
+
+    @tau.setter
+    def tau(self, tau: float) -> None:
+        self._state["threshold"] = MetricRecord({"tau": float(tau)})
+
+    @property
+    def feedback(self) -> ClientMemory:
+        """The verdicts received so far (``tau`` left out: see ``NodeState.tau``)."""
+        if "feedback" not in self._state:
+            return ClientMemory(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), None)
+        rec = self._state["feedback"]
+        return ClientMemory(to_numpy(rec["ids"]), to_numpy(rec["beta"]).astype(np.float64), to_numpy(rec["final"]), None)
+
+    @feedback.setter
+    def feedback(self, memory: ClientMemory) -> None:
+        self._state["feedback"] = named_arrays({"ids": memory.ids.astype(np.int64), "beta": memory.beta.astype(np.float32),
+                                                "final": memory.final.astype(np.int64)})
+
+    @property
+    def prototypes(self) -> Prototypes | None:
+        return unpack_prototypes(self._state["prototypes"]) if "prototypes" in self._state else None
+
+    @prototypes.setter
+    def prototypes(self, prototypes: Prototypes) -> None:
+        self._state["prototypes"] = pack_prototypes(prototypes)
+
+    @property
+    def class_sums_sent(self) -> ClassSums | None:
+        return unpack_class_sums(self._state["p2p-sent"]) if "p2p-sent" in self._state else None
+
+    @class_sums_sent.setter
+    def class_sums_sent(self, sums: ClassSums) -> None:
+        self._state["p2p-sent"] = pack_class_sums(sums)
+
+    @property
+    def tiers(self) -> np.ndarray:
+        return to_numpy(self._require("routing", "query.route")["tiers"])  # type: ignore[index]
+
+    @tiers.setter
+    def tiers(self, tiers: np.ndarray) -> None:
+        self._state["routing"] = named_arrays({"tiers": tiers.astype(np.int8)})
+
+
+@dataclass
+class Node:
+    """One client's operations, each called by one ClientApp handler."""
+
+    cfg: RunConfig
+    placement: Placement
+    state: NodeState
+
+    @staticmethod
+    def of(context: Context) -> Node:
+        cfg = run_config_of(context.run_config)
+        return Node(cfg, Placement.of(context.node_config, cfg), NodeState(context.state))
+
+    @property
+    def texts(self) -> LocalTexts:
+        return local_texts(self.cfg, self.placement)
+
+    @property
+    def data(self) -> LocalData:
+        """The local items, featurized by the installed encoder (the configured one until then)."""
+        return local_data(self.cfg, self.placement, self.state.encoder)
+
+    def _rng(self, server_round: int) -> np.random.Generator:
+        return np.random.default_rng([self.cfg.seed, self.placement.partition_id, server_round])
+
+    def _routing(self, split: str) -> router.Routing:
+        return router.Routing.of(self.state.head_outputs.probs[split], self.cfg.uncertainty)
+
+    # ---- setup and training ------------------------------------------------------------------
+
+    def info(self, featurized: bool) -> NodeInfo:
+        """Placement and sizes (and, once ``featurized``, the embedding width)."""
+        texts = self.texts
+        counts = [int(c) for c in texts.own_label_counts()] if self.cfg.local_label_prior else []
+        return NodeInfo(self.placement.cluster_id, self.placement.partition_id, len(texts.fit), len(texts.calibration),
+                        len(texts.test), texts.num_classes, self.data.dim if featurized else 0, counts)
+
+    def setup(self) -> NodeInfo:
+        """Load the local data and featurize it, unless the encoder is fine-tuned first."""
+        return self.info(featurized=not self.cfg.encoder_rounds)
+
+    def train_encoder(self, instruction: Train) -> ClientUpdate:
+        """Fine-tune the encoder's top layers on the local fit split, from the global weights."""
+        cfg, texts = self.cfg, self.texts
+        tuner = get_tuner(cfg.slm_model, cfg.encoder_layers, texts.num_classes).set_arrays(instruction.params)
+        tuning = TuningConfig(cfg.encoder_steps, cfg.encoder_batch_size, cfg.encoder_lr, cfg.max_length)
+        train_loss = tuner.train(texts.fit.texts, texts.fit.labels, tuning, self._rng(instruction.server_round))
+        return ClientUpdate(tuner.get_arrays(), {"num-examples": len(texts.fit), "train-loss": train_loss})
+
+    def install_encoder(self, params: list[np.ndarray]) -> NodeInfo:
+        """Install the fine-tuned encoder and featurize the local data with it."""
+        tuner = get_tuner(self.cfg.slm_model, self.cfg.encoder_layers, self.texts.num_classes).set_arrays(params)
+        self.state.encoder = str(tuner.install(cache_dir(self.cfg.cache_dir)))
+        return self.info(featurized=True)
+
+    def train_head(self, instruction: Train) -> ClientUpdate:
+        """Fit the head on the local fit split, starting from the global weights."""
+        cfg, data = self.cfg, self.data
+        head = head_from_config(cfg, data.dim, data.num_classes).set_params(instruction.params)
+        head.fit(data.fit.inputs, data.fit.y, HeadConfig(epochs=cfg.head_epochs, lr=cfg.head_lr, l2=cfg.head_l2),
+                 self._rng(instruction.server_round))
+        accuracy = float(np.mean(head.predict_proba(data.fit.inputs).argmax(1) == data.fit.y)) if len(data.fit) else 0.0
+        metrics = {"num-examples": len(data.fit), "train-loss": head.log_loss(data.fit.inputs, data.fit.y), "train-accuracy": accuracy}
+        return ClientUpdate(head.get_params(), metrics)
+
+    def install_head(self, instruction: InstallHead) -> None:
+        """Keep the final head's outputs on every local item (and a resumed client's memory)."""
+        data = self.data
+        head = head_from_config(self.cfg, data.dim, data.num_classes).set_params(instruction.params)
+        pooled = instruction.pooled_label_counts
+        own = self.texts.own_label_counts() if pooled is not None else None
+        self.state.head_outputs = head_outputs(head, data, own, pooled)
+        memory = instruction.memory
+        if memory is not None:
+            if len(memory.ids):
+                self.state.feedback = memory
+            if memory.tau is not None:
+                self.state.tau = memory.tau
+
+    # ---- threshold learning ------------------------------------------------------------------
+
+    def _starting_tau(self, reference: float) -> float:
+        """tau_i moved towards the server's reference (the reference itself on first contact)."""
+        current = self.state.tau
+        return reference if current is None else personalize(current, reference, self.cfg.personalization_alpha)
+
+    def _take_prototypes(self, prototypes: Prototypes | None) -> None:
+        if prototypes is not None:  # refreshed by the edge: the node's token cache
+            self.state.prototypes = prototypes
+
+    def calibrate(self, instruction: Calibrate) -> Escalation:
+        """Move tau_i towards the reference, then send the escalated calibration items plus an
+        exploration band below tau, skipping those whose verdict the client already has (the
+        head is fixed, so the LLM's verdict on an item does not change)."""
+        self._take_prototypes(instruction.prototypes)
+        tau = self._starting_tau(instruction.tau_reference)
+        self.state.tau = tau
+        routing = self._routing("calibration")
+        ids = router.calibration_requests(routing.uncertainty, tau, self.cfg.exploration_band, self.state.feedback.ids)
+        return Escalation(self._batch(self.data.calibration.texts, routing, ids), len(routing.drafts), tau)
+
+    def train_threshold(self, feedback: Feedback) -> ThresholdReply:
+        """Merge the LLM's verdicts, measure P2P on them, step tau_i, share prototype sums if they moved."""
+        cfg, data = self.cfg, self.data
+        calibration = self._routing("calibration")
+        known = self.state.feedback
+        memory = ClientMemory(np.concatenate([known.ids, feedback.ids]).astype(np.int64),
+                              np.concatenate([known.beta, feedback.verdict.beta]),
+                              np.concatenate([known.final, feedback.verdict.final]).astype(np.int64), None)
+        self.state.feedback = memory
+        tau = self.state.tau
+        metrics: dict[str, float] = {"num-examples": len(data.calibration), **self._peer_check(calibration, memory, tau)}
+        tcfg = ThresholdConfig(kappa=cfg.kappa, lam=cfg.lambda_, lr=cfg.threshold_lr, local_steps=cfg.threshold_local_steps)
+        n = max(len(data.calibration), 1)
+        h_known = calibration.uncertainty[memory.ids]
+        metrics["loss-before"] = loss(tau, h_known, memory.beta, tcfg.lam, tcfg.kappa, n)
+        tau = local_update(tau, h_known, memory.beta, tcfg, n)
+        self.state.tau = tau
+        h = calibration.uncertainty
+        metrics.update({"loss": loss(tau, h_known, memory.beta, tcfg.lam, tcfg.kappa, n),
+                        "escalation-rate": float(np.mean(h > tau)) if len(h) else 0.0, "feedback-items": len(memory.ids)})
+        return ThresholdReply(tau, metrics, self._moved_class_sums(calibration, tau, memory) if cfg.p2p else None)
+
+    def _peer_check(self, calibration: router.Routing, memory: ClientMemory, tau: float) -> dict[str, int]:
+        """Would peers have answered the items this client escalates, and how often wrongly?
+        Measured on every escalated item with a known LLM verdict; training itself still asks the
+        LLM about every item, since its verdict is the learning signal."""
+        prototypes = self.state.prototypes
+        if not self.cfg.p2p or prototypes is None:
+            return {"p2p-attempts": 0, "p2p-hits": 0, "p2p-false-hits": 0}
+        selected = calibration.uncertainty[memory.ids] > tau
+        items, finals = memory.ids[selected], memory.final[selected]
+        drafts = calibration.drafts[items]
+        hits = router.peer_tiers(self.data.calibration.x[items], drafts, prototypes, self.cfg.p2p_delta, self.cfg.p2p_margin) < router.LLM
+        return {"p2p-attempts": len(items), "p2p-hits": int(hits.sum()), "p2p-false-hits": int(np.sum(hits & (finals != drafts)))}
+
+    def _moved_class_sums(self, calibration: router.Routing, tau: float, memory: ClientMemory) -> ClassSums | None:
+        """This client's resolved class sums, when they move its prototypes (the edge keeps the latest)."""
+        data = self.data
+        sums = router.resolved_class_sums(self._routing("fit"), data.fit.x, calibration, data.calibration.x, tau,
+                                          memory.ids, memory.final, data.num_classes)
+        # compare what the edge would hold: the sums as they travel (float16)
+        sums = unpack_class_sums(pack_class_sums(sums))
+        previous = self.state.class_sums_sent
+        if not prototypes_changed(previous.prototypes() if previous is not None else None, sums.prototypes()):
+            return None
+        self.state.class_sums_sent = sums
+        return sums
+
+    # ---- inference ---------------------------------------------------------------------------
+
+    def route(self, instruction: RouteQueries) -> Escalation:
+        """Route the queries under the policy; send the ones that go to the LLM."""
+        self._take_prototypes(instruction.prototypes)
+        cfg, policy = self.cfg, instruction.policy
+        tau = self._starting_tau(policy.tau_reference) if policy.own_threshold else policy.tau
+        routing = self._routing("test")
+        tiers = router.query_tiers(routing, self.data.test.x, tau, self.state.prototypes, policy.try_peers, cfg.p2p_delta, cfg.p2p_margin)
+        self.state.tiers = tiers
+        return Escalation(self._batch(self.data.test.texts, routing, np.flatnonzero(tiers == router.LLM)), len(tiers), tau)
+
+    def score(self, feedback: Feedback) -> dict[str, int]:
+        """Score the answers of the last routed policy against the labels."""
+        routing = self._routing("test")
+        v = feedback.verdict
+        counts = router.score(self.state.tiers, routing.drafts, feedback.ids, v.final, v.accepted, self.data.test.y)
+        return {**counts, "queries-own-prior": int(self.state.head_outputs.queries_own_prior)}
+
+    @staticmethod
+    def _batch(texts: list[str], routing: router.Routing, ids: np.ndarray) -> EscalationBatch:
+        return EscalationBatch(ids=ids, texts=[texts[i] for i in ids], probs=routing.probs[ids], drafts=routing.drafts[ids])
+

@@ -30,9 +30,10 @@ message.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
 from fedhlm_app.app.protocol import (
     Calibrate, ClientMemory, ClientUpdate, Escalation, Feedback, InstallHead, NodeInfo, RouteQueries, ThresholdReply, Train,
@@ -47,82 +48,65 @@ from fedhlm_app.routing.threshold import ThresholdConfig, local_update, loss, pe
 from fedhlm_app.slm.finetune import TuningConfig, get_tuner
 from fedhlm_app.slm.head import HeadConfig, head_from_config
 from fedhlm_app.slm.local_data import LocalData, LocalTexts, Placement, local_data, local_texts
-from fedhlm_app.slm.predict import HeadOutputs, head_outputs
+from fedhlm_app.slm.predict import SPLITS, HeadOutputs, head_outputs
+
+
+class _Slot:
+    """One typed entry of ``context.state``: packed into a Flower record on write, unpacked on read.
+    Reading an absent entry gives ``default``, or, for an entry another operation must write first
+    (``written_by``), a clear error."""
+
+    def __init__(self, key: str, pack, unpack, default=None, written_by: str = "") -> None:
+        self.key, self.pack, self.unpack, self.default, self.written_by = key, pack, unpack, default, written_by
+
+    def __get__(self, node_state: NodeState, owner: type) -> Any:
+        state = node_state.records
+        if self.key in state:
+            return self.unpack(state[self.key])
+        if self.written_by:
+            raise RuntimeError(f"node state '{self.key}' is missing: '{self.written_by}' must come first")
+        return self.default
+
+    def __set__(self, node_state: NodeState, value: Any) -> None:
+        node_state.records[self.key] = self.pack(value)
+
+
+def _pack_head_outputs(outputs: HeadOutputs) -> ArrayRecord:
+    return named_arrays({**outputs.probs, QUERIES_OWN_PRIOR: np.array(outputs.queries_own_prior)})
+
+
+def _unpack_head_outputs(record: ArrayRecord) -> HeadOutputs:
+    arrays = record_named_arrays(record)
+    return HeadOutputs({s: arrays[s] for s in SPLITS}, bool(arrays[QUERIES_OWN_PRIOR]))
+
+
+def _pack_memory(memory: ClientMemory) -> ArrayRecord:
+    return named_arrays({"ids": memory.ids.astype(np.int64), "beta": memory.beta.astype(np.float32), "final": memory.final.astype(np.int64)})
+
+
+def _unpack_memory(record: ArrayRecord) -> ClientMemory:
+    arrays = record_named_arrays(record)
+    return ClientMemory(arrays["ids"], arrays["beta"].astype(np.float64), arrays["final"], None)
+
+
+QUERIES_OWN_PRIOR = "queries-own-prior"
+NO_FEEDBACK = ClientMemory(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), None)
 
 
 class NodeState:
-    """Typed view of a node's ``context.state``."""
+    """Typed view of a node's ``context.state`` (see the table above)."""
 
-    def __init__(self, state: RecordDict) -> None:
-        self._state = state
+    encoder = _Slot("encoder", lambda path: ConfigRecord({"path": path}), lambda r: str(r["path"]), default="")
+    head_outputs = _Slot("head-outputs", _pack_head_outputs, _unpack_head_outputs, written_by="query.install_head")
+    tau = _Slot("threshold", lambda tau: MetricRecord({"tau": float(tau)}), lambda r: float(r["tau"]))
+    feedback = _Slot("feedback", _pack_memory, _unpack_memory, default=NO_FEEDBACK)  # its ``tau`` is left out
+    prototypes = _Slot("prototypes", pack_prototypes, unpack_prototypes)
+    class_sums_sent = _Slot("p2p-sent", pack_class_sums, unpack_class_sums)
+    tiers = _Slot("routing", lambda tiers: named_arrays({"tiers": tiers.astype(np.int8)}), lambda r: to_numpy(r["tiers"]),
+                  written_by="query.route")
 
-    def _require(self, key: str, written_by: str) -> object:
-        if key not in self._state:
-            raise RuntimeError(f"node state '{key}' is missing: '{written_by}' must come first")
-        return self._state[key]
-
-    @property
-    def encoder(self) -> str:
-        return str(self._state["encoder"]["path"]) if "encoder" in self._state else ""
-
-    @encoder.setter
-    def encoder(self, path: str) -> None:
-        self._state["encoder"] = ConfigRecord({"path": path})
-
-    @property
-    def head_outputs(self) -> HeadOutputs:
-        record = self._require("head-outputs", "query.install_head")
-        return HeadOutputs(record_named_arrays(record), bool(self._state["label-prior"]["queries-own-prior"]))
-
-    @head_outputs.setter
-    def head_outputs(self, outputs: HeadOutputs) -> None:
-        self._state["head-outputs"] = named_arrays(outputs.probs)
-        self._state["label-prior"] = ConfigRecord({"queries-own-prior": int(outputs.queries_own_prior)})
-
-    @property
-    def tau(self) -> float | None:
-        return float(self._state["threshold"]["tau"]) if "threshold" in self._state else None
-
-    @tau.setter
-    def tau(self, tau: float) -> None:
-        self._state["threshold"] = MetricRecord({"tau": float(tau)})
-
-    @property
-    def feedback(self) -> ClientMemory:
-        """The verdicts received so far (``tau`` left out: see ``NodeState.tau``)."""
-        if "feedback" not in self._state:
-            return ClientMemory(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), None)
-        rec = self._state["feedback"]
-        return ClientMemory(to_numpy(rec["ids"]), to_numpy(rec["beta"]).astype(np.float64), to_numpy(rec["final"]), None)
-
-    @feedback.setter
-    def feedback(self, memory: ClientMemory) -> None:
-        self._state["feedback"] = named_arrays({"ids": memory.ids.astype(np.int64), "beta": memory.beta.astype(np.float32),
-                                                "final": memory.final.astype(np.int64)})
-
-    @property
-    def prototypes(self) -> Prototypes | None:
-        return unpack_prototypes(self._state["prototypes"]) if "prototypes" in self._state else None
-
-    @prototypes.setter
-    def prototypes(self, prototypes: Prototypes) -> None:
-        self._state["prototypes"] = pack_prototypes(prototypes)
-
-    @property
-    def class_sums_sent(self) -> ClassSums | None:
-        return unpack_class_sums(self._state["p2p-sent"]) if "p2p-sent" in self._state else None
-
-    @class_sums_sent.setter
-    def class_sums_sent(self, sums: ClassSums) -> None:
-        self._state["p2p-sent"] = pack_class_sums(sums)
-
-    @property
-    def tiers(self) -> np.ndarray:
-        return to_numpy(self._require("routing", "query.route")["tiers"])  # type: ignore[index]
-
-    @tiers.setter
-    def tiers(self, tiers: np.ndarray) -> None:
-        self._state["routing"] = named_arrays({"tiers": tiers.astype(np.int8)})
+    def __init__(self, records: RecordDict) -> None:
+        self.records = records
 
 
 @dataclass

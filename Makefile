@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 PRESET ?= conf/paper.toml
 ARGS ?=
 
-.PHONY: setup setup-mpnet run smoke test experiments clean
+.PHONY: setup setup-mpnet run smoke lint test experiments clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,12 @@ run: setup
 smoke: setup
 	$(PY) -m fedhlm_app.tools.launch conf/smoke.toml $(if $(ARGS),-c "$(ARGS)")
 
-## test: the whole test suite (unit, in-process apps, one real flwr run)
-test: setup
+## lint: ruff (rules in pyproject.toml)
+lint: setup
+	$(PY) -m ruff check .
+
+## test: lint, then the whole test suite (unit, in-process apps, one real flwr run)
+test: lint
 	$(PY) -m pytest -q
 
 clean:

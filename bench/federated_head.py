@@ -23,12 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedhlm_app.data.datasets import load_local  # noqa: E402
-from fedhlm_app.slm.features import EncoderSpec, featurize  # noqa: E402
+from fedhlm_app.data.partition import partition_clients  # noqa: E402
 from fedhlm_app.reporting.frontier import escalate_most_uncertain  # noqa: E402
+from fedhlm_app.slm.features import EncoderSpec, featurize  # noqa: E402
 from fedhlm_app.slm.head import HeadConfig, HeadInputs, SoftmaxHead, unit_rows  # noqa: E402
 from fedhlm_app.slm.label_prior import label_counts, prior_of, shift_prior  # noqa: E402
 from fedhlm_app.slm.ngrams import NgramBags  # noqa: E402
-from fedhlm_app.data.partition import partition_clients  # noqa: E402
 from fedhlm_app.slm.uncertainty import margin  # noqa: E402
 
 

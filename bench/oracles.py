@@ -32,9 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedhlm_app.config import validate  # noqa: E402
 from fedhlm_app.data.datasets import load_local  # noqa: E402
-from fedhlm_app.paths import BUNDLED_DATA
-from fedhlm_app.tools.launch import merged_config, with_default_paths  # noqa: E402
 from fedhlm_app.oracle.base import EscalationBatch, LabelsOracle, is_distribution, make_oracle, verify_safely  # noqa: E402
+from fedhlm_app.paths import BUNDLED_DATA  # noqa: E402
+from fedhlm_app.tools.launch import merged_config, with_default_paths  # noqa: E402
 
 
 def main() -> int:

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from fedhlm_app import config
 from fedhlm_app.fl.aggregation import ServerAdam, Update, flat, hierarchical, weighted_mean
 from fedhlm_app.fl.strategy import STRATEGIES, NodeUpdate, make_aggregator

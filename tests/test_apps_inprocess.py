@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from client_app import app as client_app
-from server_app import app as server_app
 from helpers import LocalGrid, default_run_config, server_context
+from server_app import app as server_app
 
 REQUIRED_KEYS = {
     "accuracy", "llm_rate", "llm_reduction", "local_rate", "baselines", "thresholds", "clients", "clusters",
@@ -125,9 +125,10 @@ def test_flat_fedavg_is_one_config_line(tmp_path, tiny_bert):
 
 
 def test_p2p_prototype_traffic_is_counted_and_tiers_add_up(four_clients_two_clusters):
+    from flwr.app import RecordDict
+
     from fedhlm_app.app.protocol import pack_prototypes, serialized_size
     from fedhlm_app.routing.p2p import Prototypes
-    from flwr.app import RecordDict
 
     _, (grid, results) = four_clients_two_clusters
     ledger = results["communication"]["by_phase_and_link"]["p2p"]
@@ -179,9 +180,9 @@ def test_a_run_through_the_oracle_service_books_its_http_bytes(tmp_path, tiny_be
     import threading
 
     from fedhlm_app.data.datasets import load_local
-    from fedhlm_app.paths import BUNDLED_DATA
-    from fedhlm_app.oracle.service import OracleService
     from fedhlm_app.oracle.base import LabelsOracle
+    from fedhlm_app.oracle.service import OracleService
+    from fedhlm_app.paths import BUNDLED_DATA
 
     dataset = load_local(BUNDLED_DATA, "train.csv", "test.csv")
     service = OracleService(("127.0.0.1", 0), LabelsOracle(dataset, 0), "labels", dataset.class_names, token="t0ken")

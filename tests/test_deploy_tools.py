@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedhlm_app.config import validate
 from fedhlm_app.data.datasets import load_local, truncate
+from fedhlm_app.data.partition import partition_clients
+from fedhlm_app.paths import BUNDLED_DATA
 from fedhlm_app.tools.deploy.credentials import write_node_key, write_tls
 from fedhlm_app.tools.deploy.node_data import write_node_folders
-from fedhlm_app.paths import BUNDLED_DATA
-from fedhlm_app.data.partition import partition_clients
 from helpers import ROOT, default_run_config
 
 

@@ -26,9 +26,10 @@ import shlex
 import subprocess
 import sys
 import tomllib
-from functools import lru_cache
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -216,7 +217,7 @@ def dockerignore_patterns() -> list[str]:
     return [ln.strip().rstrip("/") for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
 
 
-@lru_cache(maxsize=None)
+@cache
 def help_texts() -> dict[str, str]:
     """``--help`` of each Flower tool and each of our modules, run in parallel (once)."""
     bin_dir = Path(sys.executable).parent
@@ -319,7 +320,7 @@ def check_node_configs(compose: Compose) -> None:
 
 def check_clientapp_superexecs(compose: Compose) -> None:
     services = compose["services"]
-    for i, (node, execer) in enumerate(zip(SUPERNODES, CLIENTAPP_EXECS)):
+    for _i, (node, execer) in enumerate(zip(SUPERNODES, CLIENTAPP_EXECS)):
         node_args = invocation(compose, node, "flower-supernode")
         assert option(node_args, "--isolation") == "process", f"{node}: ClientApps run in {execer}"
         assert option(node_args, "--host") == "0.0.0.0", f"{node}: Runtime API unreachable from {execer}"

@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 
 from fedhlm_app.reporting.evaluation import (
-    accuracy_at, normalized_auc, oracle_router, random_router_accuracy, rate_to_recover, threshold_curve, uhlm_threshold,
+    accuracy_at,
+    normalized_auc,
+    oracle_router,
+    random_router_accuracy,
+    rate_to_recover,
+    threshold_curve,
+    uhlm_threshold,
 )
 
 

@@ -2,9 +2,9 @@
 
 import json
 
-from fedhlm_app.tools import experiments
-from fedhlm_app.reporting import frontier as frontier_mod
 from fedhlm_app.paths import BUNDLED_DATA
+from fedhlm_app.reporting import frontier as frontier_mod
+from fedhlm_app.tools import experiments
 
 
 def test_tiny_harness_writes_report_plots_and_json(tmp_path, tiny_bert):

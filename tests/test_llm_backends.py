@@ -7,11 +7,11 @@ Models load once per test session; a handful of AG News items each.
 import numpy as np
 import pytest
 
-from helpers import default_run_config
 from fedhlm_app.config import ConfigError, validate
 from fedhlm_app.data.datasets import load_local
-from fedhlm_app.paths import BUNDLED_DATA
 from fedhlm_app.oracle.base import EscalationBatch, is_distribution, make_oracle, verify_safely
+from fedhlm_app.paths import BUNDLED_DATA
+from helpers import default_run_config
 
 N_ITEMS = 6
 

@@ -6,11 +6,16 @@ import numpy as np
 import pytest
 
 from fedhlm_app.data.datasets import Split
+from fedhlm_app.oracle.base import EscalationBatch, Oracle, OracleError, verify_safely
 from fedhlm_app.oracle.prompts import LabelPrompt, few_shot_examples
 from fedhlm_app.oracle.wire import (
-    WireError, parse_distribution_reply, parse_verify_reply, parse_verify_request, verify_reply, verify_request,
+    WireError,
+    parse_distribution_reply,
+    parse_verify_reply,
+    parse_verify_request,
+    verify_reply,
+    verify_request,
 )
-from fedhlm_app.oracle.base import EscalationBatch, Oracle, OracleError, verify_safely
 
 C = 4
 

@@ -14,12 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from fedhlm_app.paths import BUNDLED_DATA
 from fedhlm_app.data.datasets import load_local
+from fedhlm_app.oracle.base import EscalationBatch, LabelsOracle, Oracle, OracleError, verify_safely
 from fedhlm_app.oracle.http import JSONClient
 from fedhlm_app.oracle.remote import RemoteOracle
 from fedhlm_app.oracle.service import OracleService
-from fedhlm_app.oracle.base import EscalationBatch, LabelsOracle, Oracle, OracleError, verify_safely
+from fedhlm_app.paths import BUNDLED_DATA
 
 TOKEN = "s3cret"
 
@@ -244,8 +244,8 @@ def test_the_service_command_starts_serves_and_stops(tmp_path):
 
 
 def test_https_service_is_trusted_through_its_ca_only(tmp_path, dataset, monkeypatch):
-    from fedhlm_app.tools.deploy.credentials import write_tls
     from fedhlm_app.oracle.service import server_tls
+    from fedhlm_app.tools.deploy.credentials import write_tls
 
     write_tls(tmp_path, ["127.0.0.1"])
     server = _serve(OracleService(("127.0.0.1", 0), LabelsOracle(dataset, 0), "labels", dataset.class_names, token=TOKEN,

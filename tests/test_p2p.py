@@ -3,7 +3,13 @@ import pytest
 
 from fedhlm_app.reporting.ledger import Ledger
 from fedhlm_app.routing.p2p import (
-    ClassSums, PeerCoordinator, neighbours, peer_accepts, resolve, wilson_interval, worth_trying,
+    ClassSums,
+    PeerCoordinator,
+    neighbours,
+    peer_accepts,
+    resolve,
+    wilson_interval,
+    worth_trying,
 )
 
 

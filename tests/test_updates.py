@@ -5,15 +5,15 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from client_app import app as client_app
-from fedhlm_app.paths import BUNDLED_DATA
 from fedhlm_app.app.phases import THRESHOLD_UPDATE
 from fedhlm_app.app.protocol import arrays_record, node_update
 from fedhlm_app.config import validate
 from fedhlm_app.fl.strategy import make_aggregator
 from fedhlm_app.fl.updates import UpdateSpec
+from fedhlm_app.paths import BUNDLED_DATA
 from helpers import LocalGrid, default_run_config, server_context
 from server_app import app as server_app
 

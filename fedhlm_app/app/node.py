@@ -36,8 +36,23 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
 from fedhlm_app.app.protocol import (
-    Calibrate, ClientMemory, ClientUpdate, Escalation, Feedback, InstallHead, NodeInfo, RouteQueries, ThresholdReply, Train,
-    named_arrays, pack_class_sums, pack_prototypes, record_named_arrays, to_numpy, unpack_class_sums, unpack_prototypes,
+    Calibrate,
+    ClientMemory,
+    ClientUpdate,
+    Escalation,
+    Feedback,
+    InstallHead,
+    NodeInfo,
+    RouteQueries,
+    ThresholdReply,
+    Train,
+    named_arrays,
+    pack_class_sums,
+    pack_prototypes,
+    record_named_arrays,
+    to_numpy,
+    unpack_class_sums,
+    unpack_prototypes,
 )
 from fedhlm_app.config import RunConfig, run_config_of
 from fedhlm_app.oracle.base import EscalationBatch

@@ -28,6 +28,7 @@ import numpy as np
 
 from fedhlm_app import paths
 
+
 class DataError(ValueError):
     """A dataset could not be found or read; the message says what to fix."""
 
@@ -42,7 +43,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices: np.ndarray) -> "Split":
+    def subset(self, indices: np.ndarray) -> Split:
         """The rows at ``indices``, in that order."""
         return Split([self.texts[i] for i in indices], self.labels[indices])
 
@@ -60,7 +61,7 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def truncated(self, max_train: int, max_test: int, seed: int) -> "Dataset":
+    def truncated(self, max_train: int, max_test: int, seed: int) -> Dataset:
         """Seeded subsets of at most ``max_train``/``max_test`` rows (0 keeps a split whole)."""
         return Dataset(truncate(self.train, max_train, seed), truncate(self.test, max_test, seed), self.class_names, self.source)
 

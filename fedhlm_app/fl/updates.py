@@ -29,7 +29,7 @@ class UpdateSpec:
     high: float = math.inf
 
     @classmethod
-    def like(cls, name: str, params: list[np.ndarray], low: float = -math.inf, high: float = math.inf) -> "UpdateSpec":
+    def like(cls, name: str, params: list[np.ndarray], low: float = -math.inf, high: float = math.inf) -> UpdateSpec:
         """The spec of updates shaped like ``params`` (the current global model)."""
         return cls(name, tuple(tuple(p.shape) for p in params), low, high)
 

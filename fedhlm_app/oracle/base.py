@@ -35,8 +35,8 @@ import numpy as np
 
 from fedhlm_app.data.datasets import Dataset
 from fedhlm_app.paths import cache_dir
-from fedhlm_app.slm.features import FeatureStore, text_keys
 from fedhlm_app.routing.speculative import Verdict, verify
+from fedhlm_app.slm.features import FeatureStore, text_keys
 
 # Probabilities that sum to one within this tolerance are accepted as a distribution.
 SUM_TOLERANCE = 1e-3
@@ -151,7 +151,7 @@ class Oracle(ABC):
             cause += f" (e.g. {self.last_failure})"
         return Verification(answered, verdict, cause, np.where(answered[:, None], q, np.nan))
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: most backends hold nothing to release
         """Release connections or processes (most backends hold none)."""
 
 

@@ -28,8 +28,8 @@ import torch
 
 from fedhlm_app.config import ConfigError
 from fedhlm_app.data.datasets import Dataset
-from fedhlm_app.oracle.prompts import LabelPrompt, label_prompt
 from fedhlm_app.oracle.base import ModelOracle, store_folder, weights_stamp
+from fedhlm_app.oracle.prompts import LabelPrompt, label_prompt
 
 DEFAULT_MODEL = "smollm2"
 

@@ -21,9 +21,9 @@ import numpy as np
 
 from fedhlm_app.config import ConfigError
 from fedhlm_app.data.datasets import Dataset
+from fedhlm_app.oracle.base import ModelOracle, OracleError, Traffic, store_folder
 from fedhlm_app.oracle.http import HTTPStatusError, JSONClient
 from fedhlm_app.oracle.prompts import LabelPrompt, label_prompt
-from fedhlm_app.oracle.base import ModelOracle, OracleError, Traffic, store_folder
 
 URL_ENV, KEY_ENV = "OPENAI_BASE_URL", "OPENAI_API_KEY"
 TOP_LOGPROBS = 20

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from fedhlm_app.data.datasets import Dataset
+from fedhlm_app.oracle.base import EscalationBatch, Oracle, OracleError, Verification
 from fedhlm_app.oracle.http import JSONClient
 from fedhlm_app.oracle.wire import parse_distribution_reply, parse_verify_reply, verify_request
-from fedhlm_app.oracle.base import EscalationBatch, Oracle, OracleError, Verification
 from fedhlm_app.routing.speculative import Verdict
 
 URL_ENV, TOKEN_ENV = "FEDHLM_ORACLE_URL", "FEDHLM_ORACLE_TOKEN"

@@ -32,11 +32,14 @@ from typing import Any
 import numpy as np
 
 from fedhlm_app.config import ConfigError, validate
-from fedhlm_app.oracle.base import BACKENDS
+from fedhlm_app.oracle.base import BACKENDS, Oracle, is_distribution
 from fedhlm_app.oracle.wire import (
-    WireError, distribution_reply, parse_distribution_request, parse_verify_request, verify_reply,
+    WireError,
+    distribution_reply,
+    parse_distribution_request,
+    parse_verify_request,
+    verify_reply,
 )
-from fedhlm_app.oracle.base import Oracle, is_distribution
 
 TOKEN_ENV = "FEDHLM_ORACLE_TOKEN"
 MAX_BODY_BYTES = 8 * 2**20

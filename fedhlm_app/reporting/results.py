@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -98,7 +98,8 @@ def policy_summary(per_client: dict[int, dict[str, float]]) -> dict[str, float]:
 
 def p2p_summary(per_client: dict[int, dict[str, float]]) -> dict[str, Any]:
     """Peer answers: share by tier, hit rate among attempts, false reuse with a Wilson 95% CI."""
-    total = lambda key, rows=per_client.values(): sum(c[key] for c in rows)  # noqa: E731
+    rows = list(per_client.values())
+    total = lambda key: sum(c[key] for c in rows)  # noqa: E731
     n = total("num-examples")
     peer = int(total("p2p-own") + total("p2p-neighbour"))
     wrong = int(total("p2p-wrong"))

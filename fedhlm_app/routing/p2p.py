@@ -35,11 +35,11 @@ class ClassSums:
     counts: np.ndarray  # (C,)
 
     @staticmethod
-    def of(unit_embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> "ClassSums":
+    def of(unit_embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> ClassSums:
         onehot = np.eye(num_classes)[labels]  # (n, C): a matmul is far faster than np.add.at
         return ClassSums(onehot.T @ unit_embeddings, onehot.sum(axis=0))
 
-    def __add__(self, other: "ClassSums") -> "ClassSums":
+    def __add__(self, other: ClassSums) -> ClassSums:
         return ClassSums(self.sums + other.sums, self.counts + other.counts)
 
     def prototypes(self) -> np.ndarray:

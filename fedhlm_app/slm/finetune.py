@@ -74,7 +74,7 @@ class EncoderTuner:
     def get_arrays(self) -> list[np.ndarray]:
         return [t.detach().float().numpy().copy() for t in self._tensors()]
 
-    def set_arrays(self, arrays: list[np.ndarray]) -> "EncoderTuner":
+    def set_arrays(self, arrays: list[np.ndarray]) -> EncoderTuner:
         tensors = self._tensors()
         if [tuple(a.shape) for a in arrays] != [tuple(t.shape) for t in tensors]:
             raise ValueError("encoder update shapes do not match this encoder's trained layers")

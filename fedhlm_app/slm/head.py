@@ -9,8 +9,9 @@ a few epochs of mini-batch Adam, which is robust to the feature scale.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -49,11 +50,11 @@ class HeadInputs:
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, rows: np.ndarray) -> "HeadInputs":
+    def __getitem__(self, rows: np.ndarray) -> HeadInputs:
         return HeadInputs(self.x[rows], None if self.bags is None else self.bags[rows])
 
 
-def as_inputs(x: "HeadInputs | np.ndarray") -> HeadInputs:
+def as_inputs(x: HeadInputs | np.ndarray) -> HeadInputs:
     return x if isinstance(x, HeadInputs) else HeadInputs(np.asarray(x))
 
 
@@ -80,7 +81,7 @@ class SoftmaxHead:
     def get_params(self) -> list[np.ndarray]:
         return [p.astype(np.float32) for p in self.params]
 
-    def set_params(self, params: list[np.ndarray]) -> "SoftmaxHead":
+    def set_params(self, params: list[np.ndarray]) -> SoftmaxHead:
         new = [np.asarray(p, dtype=np.float64) for p in params]
         if [p.shape for p in new] != [p.shape for p in self.params]:
             raise ValueError(f"head shapes {[p.shape for p in new]} != {[p.shape for p in self.params]}")
@@ -141,7 +142,7 @@ class SoftmaxHead:
         back = (err @ self.params[2].T) * (hidden > 0)
         return [x.T @ back + l2 * self.params[0], back.sum(axis=0), hidden.T @ err + l2 * self.params[2], err.sum(axis=0)]
 
-    def fit(self, x: HeadInputs | np.ndarray, y: np.ndarray, cfg: HeadConfig, rng: np.random.Generator) -> "SoftmaxHead":
+    def fit(self, x: HeadInputs | np.ndarray, y: np.ndarray, cfg: HeadConfig, rng: np.random.Generator) -> SoftmaxHead:
         """Mini-batch Adam on cross-entropy + L2, starting from the current weights.
 
         The n-gram weights get lazy Adam: a batch updates (and decays) only the rows

@@ -41,7 +41,7 @@ class NgramBags:
     buckets: int
 
     @classmethod
-    def of(cls, texts: list[str], buckets: int) -> "NgramBags":
+    def of(cls, texts: list[str], buckets: int) -> NgramBags:
         rows = [ngram_buckets(t, buckets) for t in texts]
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
         indptr = np.concatenate([[0], np.cumsum(lengths)])
@@ -57,7 +57,7 @@ class NgramBags:
         """The row of every stored entry."""
         return np.repeat(np.arange(len(self)), np.diff(self.indptr))
 
-    def __getitem__(self, rows: np.ndarray) -> "NgramBags":
+    def __getitem__(self, rows: np.ndarray) -> NgramBags:
         """The bags of ``rows`` (integer indices or a boolean mask), in that order."""
         rows = np.arange(len(self))[rows]
         starts, ends = self.indptr[rows], self.indptr[rows + 1]

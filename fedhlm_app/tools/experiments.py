@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from fedhlm_app.config import RunConfig, validate
 from fedhlm_app.reporting import evaluation as ev
 from fedhlm_app.reporting import frontier
-from fedhlm_app.config import RunConfig, validate
 from fedhlm_app.tools.launch import ROOT, resolved_config
 
 ALPHAS = [0.05, 0.1, 0.3, 0.5, 1.0, 10.0, float("inf")]
@@ -127,7 +127,7 @@ def analyse_seed(runs: dict[str, dict[str, Any]], items: dict[str, np.ndarray], 
     rows = {
         "SLM only": _policy(main, "slm_only"),
         "cloud only": _policy(main, "cloud_only"),
-        "static threshold (tau=%.2f)" % main["baselines"]["static_threshold"]["tau"]: _policy(main, "static_threshold"),
+        "static threshold (tau={:.2f})".format(main["baselines"]["static_threshold"]["tau"]): _policy(main, "static_threshold"),
     }
     tau_u, a, b = ev.uhlm_threshold(items["u_cal"], items["beta_cal"])
     esc = items["u"] > tau_u

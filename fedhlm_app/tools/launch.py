@@ -37,8 +37,8 @@ from typing import Any
 from fedhlm_app import paths
 from fedhlm_app.config import ConfigError, RunConfig, validate
 from fedhlm_app.data.datasets import DataError, load_local, resolve_data_dir
-from fedhlm_app.slm.features import resolve_model_path
 from fedhlm_app.data.partition import configured_partitions
+from fedhlm_app.slm.features import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[2]
 

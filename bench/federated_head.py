@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedhlm_app.data.datasets import load_local  # noqa: E402
 from fedhlm_app.data.partition import partition_clients  # noqa: E402
+from fedhlm_app.paths import cache_dir  # noqa: E402
 from fedhlm_app.reporting.frontier import escalate_most_uncertain  # noqa: E402
 from fedhlm_app.slm.features import EncoderSpec, featurize  # noqa: E402
 from fedhlm_app.slm.head import HeadConfig, HeadInputs, SoftmaxHead, unit_rows  # noqa: E402
@@ -37,8 +38,8 @@ class CorrectedHead(SoftmaxHead):
 
     correction: list[np.ndarray] | None = None
 
-    def _batch_gradients(self, inputs, onehot, l2):
-        dense, ngram_rows = super()._batch_gradients(inputs, onehot, l2)
+    def batch_gradients(self, inputs, onehot, l2):
+        dense, ngram_rows = super().batch_gradients(inputs, onehot, l2)
         if self.correction is None:
             return dense, ngram_rows
         dense = [g + c for g, c in zip(dense, self.correction)]
@@ -48,7 +49,7 @@ class CorrectedHead(SoftmaxHead):
         return dense, ngram_rows
 
     def full_gradient(self, inputs: HeadInputs, y: np.ndarray, l2: float) -> list[np.ndarray]:
-        return self._gradients(inputs, np.eye(self.num_classes)[y], l2)
+        return self.gradients(inputs, np.eye(self.num_classes)[y], l2)
 
 
 def scores(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["central", "fedavg", "fedavg-iid", "scaffold"])
     args = parser.parse_args()
     ds = load_local(ROOT / "data" / "ag_news", "train.csv", "test.csv")
-    spec, cache = EncoderSpec(args.model, 128, "auto", 2048), ROOT / ".cache" / "features"
+    spec, cache = EncoderSpec(args.model, 128, "auto", 2048), cache_dir("")
 
     def inputs(texts: list[str]) -> HeadInputs:
         return HeadInputs(unit_rows(featurize(texts, spec, cache)), NgramBags.of(texts, args.buckets) if args.buckets else None)

@@ -11,10 +11,10 @@ Each point runs the paper's preset with a different ``num-clients`` on the same 
   (``fedhlm_app.tools.inprocess``), so the round is FedHLM's own work: every client's handlers, the
   LLM's verification, aggregation and accounting.
 
-A threshold round is two message exchanges with every client (escalate; then the LLM's feedback
+A threshold round is two message exchanges with every client (calibrate; then the LLM's feedback
 and a local tau update) plus the LLM's verification and the edge-then-cloud aggregation. The table
 shows the median round over ``--rounds`` rounds and its growth from the first point, beside the
-growth of the client count. Features come from the project's feature cache (``.cache/features``,
+growth of the client count. Features come from the project's feature cache (``fedhlm_app.paths.cache_dir``,
 filled on first use), so featurization is not part of any round. Writes bench/results/rounds.json.
 """
 
@@ -32,6 +32,7 @@ from main_job import ROOT, launch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as `make run`: the bundled data, no Hub lookups
 sys.path.insert(0, str(ROOT))
+from fedhlm_app import paths  # noqa: E402
 from fedhlm_app.tools.inprocess import results_path, run_inprocess  # noqa: E402
 from fedhlm_app.tools.launch import merged_config, with_default_paths  # noqa: E402
 
@@ -50,7 +51,7 @@ def main() -> int:
     parser.add_argument("--clients", default="20,50,100,200", help="comma-separated client counts")
     parser.add_argument("--rounds", type=int, default=10, help="threshold rounds per launch")
     parser.add_argument("--preset", default=str(ROOT / "conf" / "paper.toml"))
-    parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "features"))
+    parser.add_argument("--cache-dir", default=str(paths.cache_dir("")), help="feature cache (default: the project's, fedhlm_app.paths)")
     parser.add_argument("--engines", default="ray,inprocess", help="ray and/or inprocess")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "rounds.json"))
     args = parser.parse_args()

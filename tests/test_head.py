@@ -28,7 +28,7 @@ def test_gradients_match_finite_differences(hidden, buckets):
         x = HeadInputs(x, NgramBags.of(_texts(rng, 7), buckets))
     head = SoftmaxHead(4, 3, hidden, seed=1, ngram_buckets=buckets)
     head.params = [rng.normal(size=p.shape) for p in head.params]  # away from the zero start
-    grads = head._gradients(x, np.eye(3)[y], l2=0.01)
+    grads = head.gradients(x, np.eye(3)[y], l2=0.01)
     for param, grad in zip(head.params, grads):
         for index in np.ndindex(param.shape):
             old = param[index]

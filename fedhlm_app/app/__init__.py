@@ -1,1 +1,1 @@
-"""app"""
+"""The Flower adapters: ClientApp and ServerApp, the message protocol, node state, phases, checkpoints."""

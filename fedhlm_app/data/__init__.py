@@ -1,1 +1,1 @@
-"""data"""
+"""Datasets (AG News or any CSV folder) and their federated partitioning."""

@@ -1,1 +1,1 @@
-"""fl"""
+"""Federated aggregation: update checks, aggregation rules, the hierarchical (edge, then cloud) aggregator."""

@@ -1,4 +1,4 @@
-"""Hierarchical aggregation of client updates: edge (per cluster), then cloud.
+"""The aggregator the training phases call: checks client updates, then aggregates them edge, then cloud.
 
 FedHLM's ServerApp drives its own phases (encoder, head, threshold rounds), so it does not
 run Flower's ``Strategy.start`` loop; each round it hands the decoded client updates to a

@@ -1,4 +1,4 @@
-"""Threshold learning from LLM rejection feedback (DESIGN section 4).
+"""Threshold learning from LLM rejection feedback.
 
 An item with uncertainty H escalates when H > tau. The hard rule is relaxed to
 r~ = sigmoid(kappa (H - tau)) and each client minimises

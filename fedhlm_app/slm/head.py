@@ -111,11 +111,11 @@ class SoftmaxHead:
         p = self.predict_proba(x)[np.arange(len(y)), y]
         return float(-np.mean(np.log(np.maximum(p, 1e-12))))
 
-    def _gradients(self, inputs: HeadInputs | np.ndarray, onehot: np.ndarray, l2: float) -> list[np.ndarray]:
+    def gradients(self, inputs: HeadInputs | np.ndarray, onehot: np.ndarray, l2: float) -> list[np.ndarray]:
         """Cross-entropy + L2 (on the weight matrices) gradients of one mini-batch, in
-        ``params`` order; the n-gram weights' gradient comes dense (for checking; ``fit``
-        uses only its non-zero rows)."""
-        grads, ngram_rows = self._batch_gradients(as_inputs(inputs), onehot, l2)
+        ``params`` order, all dense (for checking against finite differences; ``fit`` uses
+        ``batch_gradients``)."""
+        grads, ngram_rows = self.batch_gradients(as_inputs(inputs), onehot, l2)
         if ngram_rows is not None:
             rows, values = ngram_rows
             dense = l2 * self.params[-1]
@@ -123,10 +123,12 @@ class SoftmaxHead:
             grads.append(dense)
         return grads
 
-    def _batch_gradients(self, inputs: HeadInputs, onehot: np.ndarray, l2: float
+    def batch_gradients(self, inputs: HeadInputs, onehot: np.ndarray, l2: float
                          ) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
         """The embedding part's gradients, and the n-gram weights' gradient on the rows the
-        batch contains (None without n-grams), L2 included."""
+        batch contains (None without n-grams), L2 included: what ``fit`` steps on. A subclass may
+        override it to change the local gradient (``bench/federated_head.py`` adds SCAFFOLD's
+        drift correction)."""
         hidden, probs = self._forward(inputs)
         err = (probs - onehot) / len(inputs)
         dense = self._dense_gradients(inputs.x, hidden, err, l2)
@@ -156,7 +158,7 @@ class SoftmaxHead:
         onehot = np.eye(self.num_classes)[y]
         for _ in range(cfg.epochs):
             for idx in np.array_split(rng.permutation(len(y)), max(1, len(y) // cfg.batch_size)):
-                grads, ngram_rows = self._batch_gradients(inputs[idx], onehot[idx], cfg.l2)
+                grads, ngram_rows = self.batch_gradients(inputs[idx], onehot[idx], cfg.l2)
                 adam.tick()
                 for i, g in enumerate(grads):
                     adam.update(i, g)

@@ -310,8 +310,9 @@ def write_report(per_seed: list[dict[str, Any]], combined: dict[str, Any], out: 
         "Normalised area between the accuracy/LLM-rate frontier and SLM-only over the SLM-to-cloud gap (0.5 = random router), "
         "and the LLM rate needed to recover 50% and 80% of that gap. Between measured points the frontier is a straight "
         "line, so a sweep with few points at high LLM rates is understated there; the lambda sweep runs lambda = "
-        + ", ".join(str(x) for x in LAMBDAS) + " (each a full federated run). Learned thresholds are entropy thresholds, so "
-        "without P2P their points lie on the static sweep: learning picks the operating point, it does not move the frontier.", "",
+        + ", ".join(str(x) for x in LAMBDAS) + f" (each a full federated run). Learned thresholds are thresholds on the same uncertainty ({per_seed[0]['uncertainty']}) "
+        "as the static sweep, so without P2P their points lie on it: learning picks the operating point, it does not move the "
+        "frontier.", "",
         "| router | normalised AUC | LLM rate for 50% of the gap | for 80% |", "|---|---|---|---|",
     ]
     for name, m in combined["curve_metrics"].items():
@@ -406,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         bytes_per_item = runs["hierarchical"]["communication"]["inference_llm_bytes"]["cloud_only"] / max(cloud["llm_items"], 1)
         seed_result = analyse_seed(runs, items, bytes_per_item)
         seed_result["frontier"] = {name: measure_lever(base, name, seed, out, runs, items) for name in levers}
-        seed_result.update({"seed": seed, "runs": list(runs), "bytes_per_item": bytes_per_item, "num_items": len(items["u"])})
+        seed_result.update({"seed": seed, "runs": list(runs), "bytes_per_item": bytes_per_item, "num_items": len(items["u"]),
+                            "uncertainty": main_cfg.uncertainty})
         per_seed.append(seed_result)
     combined = combine(per_seed)
     wall = time.monotonic() - started

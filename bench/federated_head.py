@@ -3,7 +3,8 @@
 A numpy replay of the head phase on cached features (run `make run`, and `make setup-mpnet` plus a
 run with slm-model=mpnet for mpnet, first): the paper's 20 Dirichlet(0.5) clients, flat FedAvg
 (the same global model as hierarchical FedAvg with weighted means), the project's SoftmaxHead and
-local Adam. Prints, per variant, the SLM's test accuracy and the accuracy when the 2/5/10% lowest-
+local Adam, the app's aggregation rule (``weighted_mean``) and its label-prior step (``head_outputs``,
+with the check on each client's queries). Prints, per variant, the SLM's test accuracy and the accuracy when the 2/5/10% lowest-
 margin test items go to a perfect LLM, with the global head and with each client's local label prior.
 
   .venv/bin/python bench/federated_head.py --model mpnet --variants central fedavg fedavg-iid scaffold
@@ -23,13 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedhlm_app.data.datasets import load_local  # noqa: E402
-from fedhlm_app.data.partition import partition_clients  # noqa: E402
+from fedhlm_app.data.partition import ClientIndices, partition_clients  # noqa: E402
+from fedhlm_app.fl.aggregation import weighted_mean  # noqa: E402
 from fedhlm_app.paths import cache_dir  # noqa: E402
 from fedhlm_app.reporting.frontier import escalate_most_uncertain  # noqa: E402
 from fedhlm_app.slm.features import EncoderSpec, featurize  # noqa: E402
 from fedhlm_app.slm.head import HeadConfig, HeadInputs, SoftmaxHead, unit_rows  # noqa: E402
-from fedhlm_app.slm.label_prior import label_counts, prior_of, shift_prior  # noqa: E402
+from fedhlm_app.slm.label_prior import label_counts  # noqa: E402
+from fedhlm_app.slm.local_data import LocalData, LocalSplit  # noqa: E402
 from fedhlm_app.slm.ngrams import NgramBags  # noqa: E402
+from fedhlm_app.slm.predict import head_outputs  # noqa: E402
 from fedhlm_app.slm.uncertainty import margin  # noqa: E402
 
 
@@ -77,6 +81,13 @@ def main() -> None:
     train, test = inputs(ds.train.texts), inputs(ds.test.texts)
     ytr, yte, classes = ds.train.labels, ds.test.labels, ds.num_classes
     cfg = HeadConfig(epochs=2, lr=0.01, l2=1e-4)
+
+    def client_data(client: ClientIndices) -> LocalData:
+        """A client's items as the app holds them (``LocalData``), cut from the featurized splits."""
+        def split(rows: np.ndarray, inputs: HeadInputs, labels: np.ndarray) -> LocalSplit:
+            return LocalSplit(inputs.x[rows], labels[rows], [], None if inputs.bags is None else inputs.bags[rows])
+        return LocalData(split(client.fit, train, ytr), split(client.calibration, train, ytr), split(client.test, test, yte), classes)
+
     rows = []
     for variant in args.variants:
         alpha = float("inf") if variant.endswith("-iid") else 0.5
@@ -100,17 +111,17 @@ def main() -> None:
                             local.correction = [g - ck for g, ck in zip(server_control, controls[k])]
                     updates.append(local.fit(train[c.fit], ytr[c.fit], cfg, rng).params)
                     weights.append(len(c.fit))
-                w = np.asarray(weights, float) / sum(weights)
-                head.params = [sum(wi * u[i] for wi, u in zip(w, updates)) for i in range(len(start))]
+                head.params = weighted_mean(updates, weights)  # flat FedAvg, as the app's aggregator computes it
                 if fresh:  # option I of SCAFFOLD: c_i = the client's full gradient at the round's start
                     controls = fresh
-                    server_control = [sum(wi * c[i] for wi, c in zip(w, controls)) for i in range(len(start))]
+                    server_control = weighted_mean(controls, weights)
         probs = head.predict_proba(test)
+        # each client's queries as the app answers them: re-weighted to its label mix where they fit it
         own_counts = [label_counts(ytr[np.concatenate([c.fit, c.calibration])], classes) for c in clients]
-        pooled = prior_of(np.sum(own_counts, axis=0))
+        pooled = np.sum(own_counts, axis=0)
         local = probs.copy()
         for c, counts in zip(clients, own_counts):
-            local[c.test] = shift_prior(probs[c.test], prior_of(counts), pooled)
+            local[c.test] = head_outputs(head, client_data(c), counts, pooled).probs["test"]
         row = {"variant": variant, "global head": scores(probs, yte), "local label prior": scores(local, yte),
                "wall_s": round(time.monotonic() - started, 1)}
         rows.append(row)

@@ -36,7 +36,7 @@ def train_encoder(msg: Message, context: Context) -> Message:
 @app.query("install_encoder")
 def install_encoder(msg: Message, context: Context) -> Message:
     """Install the fine-tuned encoder and featurize the local data with it."""
-    return _reply(msg, Node.of(context).install_encoder(protocol.record_arrays(msg.content["arrays"])).pack())
+    return _reply(msg, Node.of(context).install_encoder(protocol.unpack_model(msg.content)).pack())
 
 
 @app.train("head")

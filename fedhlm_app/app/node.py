@@ -12,8 +12,7 @@ state               what                                      written by
 ``head_outputs``    the final head's class probabilities of   ``install_head``
                     every local item (with the label prior)
 ``tau``             the client's threshold tau_i              ``install_head`` (resume),
-                                                              ``calibrate``, ``train_threshold``,
-                                                              ``route`` (own threshold)
+                                                              ``calibrate``, ``train_threshold``
 ``feedback``        the LLM's verdicts on calibration items   ``install_head`` (resume),
                                                               ``train_threshold``
 ``prototypes``      the cluster's P2P prototypes              ``calibrate``, ``route``

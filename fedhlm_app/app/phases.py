@@ -13,6 +13,7 @@ Every phase checkpoints after each round (``Run.save``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from logging import INFO, WARNING
 
@@ -75,15 +76,15 @@ def _aggregate(run: Run, phase: str, rnd: int, updates: list[NodeUpdate], spec: 
     return result
 
 
-def train_rounds(run: Run, name: str, rounds: int, model: TrainedModel) -> None:
-    """Federated training of ``model`` by the clients' ``train.<name>`` handler for ``rounds``
-    rounds, aggregated edge then cloud; checkpointed after every round."""
+def train_rounds(run: Run, name: str, message_type: str, rounds: int, model: TrainedModel) -> None:
+    """Federated training of ``model`` (``name``: the phase and what is aggregated) by the clients'
+    ``message_type`` handler for ``rounds`` rounds, aggregated edge then cloud; checkpointed after every round."""
     spec = UpdateSpec.like(name, model.params)
     for rnd in range(model.done + 1, rounds + 1):
         round_started = time.monotonic()
         # after an edge round each cluster continues from its own model
         content = {c: Train(model.edge_params.get(c, model.params), rnd).pack() for c in set(run.cluster_of.values())}
-        replies = run.exchange(name, f"train.{name}", {n: content[c] for n, c in run.cluster_of.items()}, rnd)
+        replies = run.exchange(name, message_type, {n: content[c] for n, c in run.cluster_of.items()}, rnd)
         result = _aggregate(run, name, rnd, [protocol.node_update(n, r.content) for n, r in replies.items()], spec, rounds)
         if result is not None:
             if result.is_cloud_round:
@@ -104,8 +105,8 @@ def encoder_phase(run: Run, num_classes: int) -> None:
     if p.encoder.params is None:
         # a fresh tuner, not the per-process cached one: in-process clients may have trained that one
         p.encoder.params = EncoderTuner(cfg.slm_model, cfg.encoder_layers, num_classes).get_arrays()
-    train_rounds(run, "encoder", cfg.encoder_rounds, p.encoder)
-    install = RecordDict({"arrays": protocol.arrays_record(p.encoder.params)})
+    train_rounds(run, "encoder", protocol.TRAIN_ENCODER, cfg.encoder_rounds, p.encoder)
+    install = protocol.pack_model(p.encoder.params)
     replies = run.exchange("encoder", protocol.INSTALL_ENCODER, {n: install for n in run.cluster_of})
     run.info.update({n: NodeInfo.unpack(r.content) for n, r in replies.items()})
 
@@ -115,7 +116,7 @@ def head_phase(run: Run) -> None:
     any_info = next(iter(run.info.values()))
     if run.progress.head.params is None:
         run.progress.head.params = head_from_config(run.cfg, any_info.dim, any_info.num_classes, seed=run.cfg.seed).get_params()
-    train_rounds(run, "head", run.cfg.head_rounds, run.progress.head)
+    train_rounds(run, "head", protocol.TRAIN_HEAD, run.cfg.head_rounds, run.progress.head)
 
 
 def install_head(run: Run) -> None:
@@ -210,7 +211,7 @@ def threshold_phase(run: Run) -> None:
 
 
 def _record_threshold_round(run: Run, rnd: int, result: RoundResult, items: int, clients: int, seconds: float) -> None:
-    """Keep the round's thresholds (global after a cloud round, per cluster always) and each client's own."""
+    """Keep the round's thresholds (global after a cloud round, per cluster always) and its history row."""
     p = run.progress
     taus = {c: float(params[0][0]) for c, params in result.aggregate.cluster_params.items()}
     if result.is_cloud_round:
@@ -258,10 +259,10 @@ def inference_phase(run: Run) -> dict[str, dict[int, dict[str, float]]]:
         for node, cluster in run.cluster_of.items():
             # Opportunistic collaboration: peers only where the cluster's hit rate pays for them.
             tried[node] = policy.try_peers and run.peers.enabled(cluster)
-            node_policy = QueryPolicy(policy.tau, policy.own_threshold, policy.tau_reference, tried[node])
+            node_policy = dataclasses.replace(policy, try_peers=tried[node])
             contents[node] = RouteQueries(node_policy, _prototypes_for(run, node) if tried[node] else None).pack()
         asked = {n: Escalation.unpack(r.content) for n, r in run.exchange(phase, protocol.ROUTE, contents).items()}
-        feedback = verify(run, phase, asked, f"{phase}")
+        feedback = verify(run, phase, asked, phase)
         scored = run.exchange(phase, protocol.SCORE, {n: fb.pack() for n, fb in feedback.items()})
         evaluation[name] = {
             node: {**{k: float(v) for k, v in r.content["metrics"].items()}, "tau": asked[node].tau, "try-p2p": float(tried[node])}

@@ -159,6 +159,15 @@ class NodeInfo:
                         [int(c) for c in info["label-counts"]] if "label-counts" in info else [])
 
 
+def pack_model(params: list[np.ndarray]) -> RecordDict:
+    """A model to install (``query.install_encoder``)."""
+    return RecordDict({"arrays": arrays_record(params)})
+
+
+def unpack_model(content: RecordDict) -> list[np.ndarray]:
+    return record_arrays(content["arrays"])
+
+
 @dataclass(frozen=True)
 class Train:
     """A training round's instruction: the model to start from."""

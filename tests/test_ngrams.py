@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from fedhlm_app.slm.ngrams import NgramBags, ngram_buckets
+from fedhlm_app.slm.ngrams import NgramBags, ngram_buckets, words_of
 
 TEXTS = ["Oil prices rise as OPEC meets", "Red Sox win the World Series", "", "oil oil OIL"]
 
@@ -55,3 +55,20 @@ def test_sparse_products_match_the_dense_matrix():
 def test_row_selection_keeps_the_selected_rows_in_order(rows):
     bags = NgramBags.of(TEXTS, 64)
     assert np.array_equal(_dense(bags[rows]), _dense(bags)[rows])
+
+
+@pytest.mark.parametrize("text, words", [
+    ("Zürich's Café, naïve été", ["zürich", "s", "café", "naïve", "été"]),  # accented Latin stays whole
+    ("Cafe\u0301 Cafe\u0301", ["café", "café"]),  # a combining accent is normalised (NFC) into its letter
+    ("مَرْحَبًا بالعالم", ["مَرْحَبًا", "بالعالم"]),  # Arabic words, with their vowel marks
+    ("東京大学の研究", ["東", "京", "大", "学", "の", "研", "究"]),  # no spaces: one word per character
+    ("Привет, мир! नमस्ते दुनिया", ["привет", "мир", "नमस्ते", "दुनिया"]),  # Cyrillic, Devanagari with its signs
+    ("OPEC's oil_price: $3.50 (up 2%)", ["opec", "s", "oil", "price", "3", "50", "up", "2"]),  # ASCII: runs of [a-z0-9]
+])
+def test_words_are_unicode_aware(text, words):
+    assert words_of(text) == words
+
+
+def test_cjk_and_arabic_texts_get_ngram_bags():
+    bags = NgramBags.of(["東京大学の研究", "مرحبا بالعالم"], 1 << 20)
+    assert np.diff(bags.indptr).tolist() == [7 + 6, 2 + 1]  # character unigrams and bigrams; two words and their bigram

@@ -6,6 +6,11 @@ them. The bags are hashed into a fixed number of buckets, so no vocabulary has t
 agreed on: every client maps the same n-gram to the same bucket without sharing any
 text, which is what federated training needs (no global statistics such as IDF).
 
+Words are Unicode-aware: a word is a run of letters, marks and digits of any script (Latin with
+accents, Cyrillic, Greek, Arabic, Devanagari, ...), lower-cased after NFC normalisation; in
+scripts written without spaces between words (Han, kana, Hangul, Thai) each character is a word,
+so their bigrams are character bigrams. On ASCII text this gives exactly the runs of [a-z0-9].
+
 Rows are L2-normalised and stored sparse (CSR); the head reads them through
 ``dot`` (bags @ W) and ``gradient_rows`` (the rows of bags.T @ G that a batch
 touches, so that training updates only those rows: a batch of 64 texts touches a
@@ -15,17 +20,52 @@ few thousand of the 2^18 buckets).
 from __future__ import annotations
 
 import re
+import unicodedata
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
-_WORD = re.compile(r"[a-z0-9]+")
+# Scripts written without spaces between words: each character is a word.
+UNSPACED = ((0x0E00, 0x0E7F), (0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF))
+
+
+def _class_of(predicate) -> str:
+    """A regex character class of the Basic Multilingual Plane's code points that satisfy ``predicate``."""
+    ranges, start = [], None
+    for code in range(0x10000):
+        inside = predicate(code)
+        if inside and start is None:
+            start = code
+        elif not inside and start is not None:
+            ranges.append((start, code - 1))
+            start = None
+    return "[" + "".join(f"\\u{a:04x}-\\u{b:04x}" for a, b in ranges) + "]"
+
+
+def _unspaced(code: int) -> bool:
+    return any(a <= code <= b for a, b in UNSPACED)
+
+
+def _word_char(code: int) -> bool:
+    return not _unspaced(code) and unicodedata.category(chr(code))[0] in "LMN"
+
+
+@lru_cache(maxsize=1)
+def _word_pattern() -> re.Pattern:
+    # Built once per process, when first needed (scanning the plane's categories takes 0.3 s).
+    return re.compile(f"{_class_of(_unspaced)}|{_class_of(_word_char)}+")
+
+
+def words_of(text: str) -> list[str]:
+    """The text's words, lower-cased (see the module docstring)."""
+    return _word_pattern().findall(unicodedata.normalize("NFC", text).lower())
 
 
 def ngram_buckets(text: str, buckets: int) -> list[int]:
     """Distinct hash buckets of the text's lower-cased word unigrams and bigrams."""
-    words = _WORD.findall(text.lower())
+    words = words_of(text)
     grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
     # crc32, not hash(): Python salts str hashes per process, and every client must agree.
     return sorted({zlib.crc32(g.encode("utf-8")) % buckets for g in grams})

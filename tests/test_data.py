@@ -47,7 +47,7 @@ def test_malformed_rows_are_reported_with_the_file(tmp_path, train, message):
 
 
 def test_test_label_outside_train_classes_is_an_error(tmp_path):
-    _write(tmp_path / "train.csv", '"1","a","b"\n')
+    _write(tmp_path / "train.csv", '"1","a","b"\n"2","c","d"\n')
     _write(tmp_path / "test.csv", '"5","a","b"\n')
     with pytest.raises(DataError, match="do not occur in the train split"):
         load_local(tmp_path, "train.csv", "test.csv")
@@ -77,7 +77,7 @@ def test_bundled_ag_news_is_complete():
 
 
 def test_truncate_is_seeded_subset(tmp_path):
-    _write(tmp_path / "train.csv", "".join(f'"1","t{i}","d"\n' for i in range(50)))
+    _write(tmp_path / "train.csv", "".join(f'"{1 + i % 2}","t{i}","d"\n' for i in range(50)))
     _write(tmp_path / "test.csv", '"1","a","b"\n')
     split = load_local(tmp_path, "train.csv", "test.csv").train
     a, b = truncate(split, 10, 3), truncate(split, 10, 3)
@@ -91,3 +91,48 @@ def test_labels_outside_the_listed_classes_are_an_error(tmp_path):
     (tmp_path / "test.csv").write_text("label,text\nWorld,d\n")
     with pytest.raises(DataError, match=r"labels \['Weather'\] are not classes of classes.txt"):
         load_local(tmp_path, "train.csv", "test.csv")
+
+
+def _load(tmp_path, train: str, test: str = '"1","e","f"\n"2","g","h"\n'):
+    _write(tmp_path / "train.csv", train)
+    _write(tmp_path / "test.csv", test)
+    return load_local(tmp_path, "train.csv", "test.csv")
+
+
+@pytest.mark.parametrize("train, message", [
+    ("label,body\nWorld,a\nSports,b\n", r"needs a label column .* and a text column .* it names \['label'\]"),
+    ("category_id,document_text\n1,a\n2,b\n", "the first row looks like a header"),
+    ("label,text\n", "has a header but no rows"),
+    ('"1","a","b"\n"1","c","d"\n', "1 class"),
+])
+def test_headers_are_never_data_and_degenerate_data_is_refused(tmp_path, train, message):
+    with pytest.raises(DataError, match=message):
+        _load(tmp_path, train, "label,text\nWorld,x\n" if train.startswith("label") else '"1","e","f"\n')
+
+
+def test_recognised_headers_in_any_order_and_ag_news_columns(tmp_path):
+    ds = _load(tmp_path, "sentence,category\nhello,pos\nbye,neg\n", "category,sentence\nneg,ciao\n")
+    assert ds.class_names == ["neg", "pos"] and ds.train.texts == ["hello", "bye"]
+    ds = _load(tmp_path, "class,title,description\n1,T a,B a\n2,T b,B b\n")
+    assert ds.train.texts == ["T a B a", "T b B b"]
+
+
+def test_labels_equal_but_for_case_are_one_class_and_look_alikes_are_flagged(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="fedhlm"):
+        ds = _load(tmp_path, "label,text\nSports,a\nsports,b\n SPORTS ,c\nSports,d\nSport,e\nWorld,f\n",
+                   "label,text\nworld,g\n")
+    assert ds.class_names == ["Sport", "Sports", "World"]
+    assert ds.train.labels.tolist() == [1, 1, 1, 1, 0, 2] and ds.test.labels.tolist() == [2]
+    assert "differ only in case: one class 'Sports'" in caplog.text
+    assert "'Sport' (1 rows) and 'Sports' (4 rows) look alike" in caplog.text
+
+
+def test_corrupt_and_oversized_files_are_named(tmp_path):
+    good = gzip.compress(("".join(f'"{1 + i % 2}","title {i}","text"\n' for i in range(5000))).encode())
+    (tmp_path / "train.csv.gz").write_bytes(good[: len(good) // 2])  # a truncated download
+    _write(tmp_path / "test.csv", '"1","e","f"\n')
+    with pytest.raises(DataError, match=r"cannot read '.*train.csv.gz' after row \d+: EOFError"):
+        load_local(tmp_path, "train.csv", "test.csv")
+    long_text = "word " * 60_000  # 300,000 characters: more than the csv module's default field limit
+    ds = _load(tmp_path, f'"1","{long_text}"\n"2","short"\n')
+    assert len(ds.train.texts[0]) == len(long_text.strip())

@@ -4,9 +4,17 @@ Two CSV layouts are understood, optionally gzip-compressed (``.csv.gz``):
 
 - the official AG News layout: no header, ``"class","title","description"``;
   the text is ``title + " " + description``;
-- a headed layout with a ``label`` and a ``text`` column (other columns ignored).
+- a header row naming a label column (``LABEL_COLUMNS``) and a text column (``TEXT_COLUMNS``),
+  or ``title``/``description`` columns joined as in AG News; other columns are ignored. A first
+  row that names any of these columns is a header, and one that names no usable pair is refused
+  with the names it would accept, so a header never becomes a data row; nor does a first row whose
+  label looks like a column name (a word that occurs nowhere else while every other label is a
+  number).
 
-Labels may be integers (0- or 1-based) or strings. They are mapped to
+Labels may be integers (0- or 1-based) or strings. They are normalised (surrounding whitespace
+removed, inner whitespace collapsed) and labels that differ only in case are one class (named by
+its most frequent spelling; a warning lists the merged spellings and their counts). Labels that
+look alike but differ otherwise ("Sport" and "Sports") stay apart, with a warning. They are mapped to
 contiguous class ids ``0..C-1`` in sorted order; class names come from a
 ``classes.txt`` file beside the CSVs (one name per line, in label order) when
 present, else from the labels themselves. So any classification dataset in
@@ -19,14 +27,26 @@ federation (``fedhlm_app.tools.deploy.node_data`` writes folders this way).
 from __future__ import annotations
 
 import csv
+import difflib
 import gzip
 import os
+import re
+import zlib
+from collections import Counter
 from dataclasses import dataclass
+from logging import getLogger
 from pathlib import Path
 
 import numpy as np
 
 from fedhlm_app import paths
+
+log = getLogger("fedhlm")
+
+LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
+TEXT_COLUMNS = ("text", "sentence", "content", "document", "review")
+JOINED_TEXT_COLUMNS = ("title", "description")  # AG News's columns, joined like its headerless layout
+MAX_FIELD_CHARS = 1 << 24  # the csv module's default (131,072 characters) is less than some documents
 
 
 class DataError(ValueError):
@@ -84,12 +104,35 @@ def _find_file(folder: Path, name: str) -> Path:
 
 
 def _read_rows(path: Path) -> list[list[str]]:
+    """The non-empty rows of a CSV file; a file that cannot be read is named with the row reached."""
     opener = gzip.open if path.suffix == ".gz" else open
+    csv.field_size_limit(MAX_FIELD_CHARS)
+    rows: list[list[str]] = []
     try:
         with opener(path, "rt", encoding="utf-8", newline="") as fh:
-            return [row for row in csv.reader(fh) if row]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"cannot read '{path}': {exc}") from exc
+            rows.extend(row for row in csv.reader(fh) if row)
+    except csv.Error as exc:
+        raise DataError(f"cannot read '{path}' after row {len(rows)}: {exc} (a field may hold at most {MAX_FIELD_CHARS:,} "
+                        "characters; is a quote left open?)") from exc
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:  # gzip: BadGzipFile is an OSError, truncation EOFError
+        raise DataError(f"cannot read '{path}' after row {len(rows)}: {type(exc).__name__}: {exc or 'truncated file'}") from exc
+    return rows
+
+
+def _columns(header: list[str]) -> tuple[int, list[int]] | None:
+    """The label column and the text columns a header names, or None when it is no header; refuses a
+    header that names some columns but no usable label and text pair."""
+    names = [h.strip().lower() for h in header]
+    known = [n for n in names if n in LABEL_COLUMNS + TEXT_COLUMNS + JOINED_TEXT_COLUMNS]
+    if not known or names[0].lstrip("-").isdigit():  # a data row starts with its label; a numeric one is no column name
+        return None
+    label = next((names.index(n) for n in LABEL_COLUMNS if n in names), None)
+    text = next(([names.index(n)] for n in TEXT_COLUMNS if n in names), None)
+    text = text or [names.index(n) for n in JOINED_TEXT_COLUMNS if n in names]
+    if label is None or not text:
+        raise DataError(f"header {header}: needs a label column (one of {list(LABEL_COLUMNS)}) and a text column (one of "
+                        f"{list(TEXT_COLUMNS)}, or {' and/or '.join(JOINED_TEXT_COLUMNS)}); it names {known}")
+    return label, text
 
 
 def read_csv(path: Path) -> tuple[list[str], list[str]]:
@@ -97,28 +140,74 @@ def read_csv(path: Path) -> tuple[list[str], list[str]]:
     rows = _read_rows(path)
     if not rows:
         raise DataError(f"'{path}' has no rows")
-    header = [h.strip().lower() for h in rows[0]]
-    if "label" in header and "text" in header:
-        li, ti = header.index("label"), header.index("text")
-        body = rows[1:]
-        bad = [n for n, r in enumerate(body, start=2) if len(r) <= max(li, ti)]
-        if bad:
-            raise DataError(f"'{path}': rows {bad[:5]} have too few columns")
-        labels = [r[li].strip() for r in body]
-        texts = [r[ti].strip() for r in body]
+    try:
+        columns = _columns(rows[0])
+    except DataError as exc:
+        raise DataError(f"'{path}': {exc}") from None
+    if columns is None:
+        label_col, text_cols, body, first = 0, None, rows, 1
     else:
-        bad = [n for n, r in enumerate(rows, start=1) if len(r) < 2]
-        if bad:
-            raise DataError(
-                f"'{path}': rows {bad[:5]} have too few columns "
-                "(expected 'class,title,description' or a 'label,text' header)"
-            )
-        labels = [r[0].strip() for r in rows]
-        texts = [" ".join(part.strip() for part in r[1:]).strip() for r in rows]
-    empty = [n for n, t in enumerate(texts) if not t]
+        (label_col, text_cols), body, first = columns, rows[1:], 2
+    if not body:
+        raise DataError(f"'{path}' has a header but no rows")
+    width = label_col + 1 if text_cols is None else max(label_col, *text_cols) + 1
+    bad = [n for n, r in enumerate(body, start=first) if len(r) < max(width, 2)]
+    if bad:
+        raise DataError(f"'{path}': rows {bad[:5]} have too few columns "
+                        f"(expected 'class,title,description' or a header naming a label and a text column)")
+    labels = [r[label_col] for r in body]
+    if text_cols is None:
+        texts = [" ".join(part.strip() for part in r[1:]).strip() for r in body]
+        _refuse_header_row(path, labels)
+    else:
+        texts = [" ".join(r[i].strip() for i in text_cols).strip() for r in body]
+    empty = [n for n, t in enumerate(texts, start=first) if not t]
     if empty:
         raise DataError(f"'{path}': {len(empty)} rows have an empty text (first at row {empty[0]})")
     return labels, texts
+
+
+def _refuse_header_row(path: Path, labels: list[str]) -> None:
+    """A headerless file whose first label is a word found nowhere else, while every other label is a
+    number, starts with a header this reader does not know."""
+    first, rest = labels[0].strip(), [x.strip() for x in labels[1:]]
+    if rest and not first.lstrip("-").isdigit() and first not in rest and all(x.lstrip("-").isdigit() for x in rest):
+        raise DataError(f"'{path}': the first row looks like a header ({labels[0]!r} is the only non-numeric label); "
+                        f"name a label column (one of {list(LABEL_COLUMNS)}) and a text column (one of {list(TEXT_COLUMNS)})")
+
+
+def normalise_label(raw: str) -> str:
+    """Surrounding whitespace removed, inner whitespace collapsed to one space."""
+    return re.sub(r"\s+", " ", raw.strip())
+
+
+def _case_classes(labels: list[str], listed: list[str]) -> dict[str, str]:
+    """Each normalised label -> its class's spelling: labels equal but for case are one class, named as
+    in ``classes.txt`` (``listed``) or else by its most frequent spelling (a warning lists what was merged)."""
+    counts = Counter(labels)
+    groups: dict[str, list[str]] = {}
+    for label in [*counts, *(x for x in listed if x not in counts)]:
+        groups.setdefault(label.casefold(), []).append(label)
+    spelling = {}
+    for members in groups.values():
+        name = next((m for m in members if m in listed), None) or max(members, key=lambda m: (counts[m], -members.index(m)))
+        spelling.update({m: name for m in members})
+        if len(members) > 1:
+            log.warning("labels %s differ only in case: one class '%s'", {m: counts[m] for m in members}, name)
+    _warn_near_duplicates({name: sum(counts[m] for m in members) for members in groups.values()
+                           for name in [spelling[members[0]]]})
+    return spelling
+
+
+def _warn_near_duplicates(counts: dict[str, int]) -> None:
+    """Warn (with counts) about labels that look like spellings of one class but are kept apart."""
+    names = sorted(counts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            squeeze = lambda s: re.sub(r"[^0-9a-z]", "", s.casefold())  # noqa: E731
+            alike = squeeze(a) == squeeze(b) or difflib.SequenceMatcher(None, a.casefold(), b.casefold()).ratio() >= 0.85
+            if alike and not (a.lstrip("-").isdigit() and b.lstrip("-").isdigit()):
+                log.warning("labels '%s' (%d rows) and '%s' (%d rows) look alike but are two classes", a, counts[a], b, counts[b])
 
 
 def _label_order(raw: set[str]) -> list[str]:
@@ -141,6 +230,10 @@ def load_local(folder: Path, train_file: str, test_file: str) -> Dataset:
     train_raw, train_texts = read_csv(_find_file(folder, train_file))
     test_raw, test_texts = read_csv(_find_file(folder, test_file))
     listed = _listed_classes(folder)
+    spelling = _case_classes([normalise_label(x) for x in train_raw + test_raw], listed)
+    train_raw = [spelling[normalise_label(x)] for x in train_raw]
+    test_raw = [spelling[normalise_label(x)] for x in test_raw]
+    listed = [spelling[x] for x in listed]
     raw = set(train_raw) | set(test_raw)
     if listed and raw <= set(listed):
         order, names = listed, listed  # labels by name: the listed classes, all of them, in that order
@@ -156,6 +249,9 @@ def load_local(folder: Path, train_file: str, test_file: str) -> Dataset:
             f"test labels {sorted(unseen)[:5]} do not occur in the train split "
             f"(train labels: {order})"
         )
+    if len(names) < 2:
+        raise DataError(f"'{folder}': {len(names)} class ({names}); a classifier needs at least two "
+                        "(or a classes.txt listing every class of the federation)")
     index = {label: i for i, label in enumerate(order)}
     to_ids = lambda raw: np.array([index[x] for x in raw], dtype=np.int64)  # noqa: E731
     return Dataset(

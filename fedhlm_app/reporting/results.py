@@ -81,15 +81,14 @@ def policy_summary(per_client: dict[int, dict[str, float]]) -> dict[str, float]:
     """Totals over clients: accuracy, LLM rate, local rate, SLM accuracy."""
     n = sum(c["num-examples"] for c in per_client.values())
     total = lambda key: sum(c[key] for c in per_client.values())  # noqa: E731
-    if n == 0:
-        return {"accuracy": 0.0, "llm_rate": 0.0, "local_rate": 0.0, "num_items": 0}
     p2p = total("p2p-own") + total("p2p-neighbour")
+    share = lambda count: count / n if n else 0.0  # noqa: E731 - no test items at all: every share is 0
     return {
-        "accuracy": total("correct") / n,
-        "llm_rate": total("escalated") / n,
-        "local_rate": (n - total("escalated") - p2p) / n,
-        "p2p_rate": p2p / n,
-        "slm_accuracy": total("slm-correct") / n,
+        "accuracy": share(total("correct")),
+        "llm_rate": share(total("escalated")),
+        "local_rate": share(n - total("escalated") - p2p),
+        "p2p_rate": share(p2p),
+        "slm_accuracy": share(total("slm-correct")),
         "llm_items": int(total("escalated")),
         "oracle_failed_items": int(total("oracle-failed")),
         "num_items": int(n),

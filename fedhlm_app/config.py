@@ -27,6 +27,7 @@ DATA_SOURCES = ("auto", "hub", "local")
 PRECISIONS = ("auto", "fp32", "bf16")
 NEIGHBOUR_SCOPES = ("none", "all", "nearest")
 TEST_LABEL_MIXES = ("client", "pooled")
+RESUME_MODES = ("false", "true", "auto")  # auto: resume when a checkpoint exists, else start
 
 
 class ConfigError(ValueError):
@@ -66,7 +67,8 @@ class RunConfig:
     # run
     run_name: str = _key(lambda v: "/" not in v and v not in {".", "..", "latest"}, "a plain name without '/', not 'latest' (empty: timestamp)")
     results_dir: str = _anything("a folder path (empty: $FEDHLM_RESULTS_DIR or ./results)")
-    resume: bool = _anything("true or false (continue from results-dir/run-name/checkpoint.pkl)")
+    resume: str = _one_of(RESUME_MODES)  # TOML booleans are read as "true" / "false"
+    overwrite: bool = _anything("true or false (replace the results of an earlier run of the same run-name)")
     seed: int = _at_least(0, "an integer >= 0")
     num_clients: int = _positive("an integer >= 1")
     num_clusters: int = _positive("an integer >= 1")
@@ -137,14 +139,23 @@ class RunConfig:
     oracle_concurrency: int = _positive("an integer >= 1")
     oracle_batch_size: int = _positive("an integer >= 1")
     oracle_few_shot: int = _at_least(0, "an integer >= 0 (examples per class in the prompt)")
+    oracle_max_failures: int = _positive("an integer >= 1 (consecutive failed requests before a phase stops calling the oracle)")
+    oracle_required: bool = _anything("true or false (false: a run whose oracle never answered still exits 0)")
 
     def _check_relations(self) -> None:
         for key in ("num-clusters", "min-clients", "min-active-clients"):
             value = getattr(self, attribute(key))
             if value > self.num_clients:
                 raise ConfigError(f"run config '{key}' = {value}: must be <= num-clients ({self.num_clients})")
-        if self.resume and not self.run_name:
-            raise ConfigError("run config 'resume' = true: needs a 'run-name' (the checkpoint is results-dir/run-name/checkpoint.pkl)")
+        if self.resuming and not self.run_name:
+            raise ConfigError(f"run config 'resume' = {self.resume}: needs a 'run-name' (the checkpoint is results-dir/run-name/checkpoint.pkl)")
+        if self.resuming and self.overwrite:
+            raise ConfigError(f"run config 'overwrite' = true and 'resume' = {self.resume}: choose one")
+
+    @property
+    def resuming(self) -> bool:
+        """Whether a checkpoint is continued (``resume`` true, or auto)."""
+        return self.resume != "false"
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some fields changed (snake_case names), validated again."""
@@ -199,6 +210,8 @@ def _coerce(key: str, value: Any, kind: type, rule: str) -> Any:
         return value
     if kind in (str, bool) and type(value) is kind:
         return value
+    if key == "resume" and isinstance(value, bool):  # resume = true / false, as TOML writes it
+        return str(value).lower()
     raise ConfigError(f"run config '{key}' = {value!r}: must be {rule}")
 
 

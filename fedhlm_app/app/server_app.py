@@ -19,12 +19,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedhlm_app.app import checkpoint, phases
 from fedhlm_app.app.exchange import Exchange
 from fedhlm_app.app.run_state import Run
-from fedhlm_app.config import validate
+from fedhlm_app.config import RunConfig, validate
 from fedhlm_app.fl.strategy import make_aggregator
 from fedhlm_app.oracle.base import make_oracle
-from fedhlm_app.paths import results_dir
 from fedhlm_app.reporting.ledger import Ledger
 from fedhlm_app.reporting.results import RunOutcome, write_report
+from fedhlm_app.reporting.run_folder import RunFolder
 from fedhlm_app.routing.p2p import PeerCoordinator
 from fedhlm_app.slm.local_data import dataset
 
@@ -45,44 +45,55 @@ def main(grid: Grid, context: Context) -> None:
     started, started_epoch = time.monotonic(), time.time()  # the epoch lets bench/ place the app in a launch
     cfg = validate(context.run_config)  # fail fast, before anything loads
     cfg = cfg.replace(run_name=cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))  # fixed now: the checkpoint lives there
-    checkpoint_path = results_dir(cfg.results_dir) / cfg.run_name / checkpoint.CHECKPOINT_FILE
-    progress = checkpoint.load(checkpoint_path, cfg) if cfg.resume else None
-    if cfg.resume:
+    folder = RunFolder.of(cfg)
+    folder.check_start(cfg)
+    with folder.locked():
+        outcome = run(grid, cfg, folder, started, started_epoch)
+    write_report(outcome)
+    if cfg.oracle_required and outcome.oracle_never_answered:
+        raise RuntimeError(f"the oracle ({cfg.oracle}) never answered: every result is the SLM's (see {folder.path / 'summary.md'}); "
+                           "oracle-required = false accepts such a run")
+
+
+def run(grid: Grid, cfg: RunConfig, folder: RunFolder, started: float, started_epoch: float) -> RunOutcome:
+    """The phases in order, from the checkpoint in ``folder`` when resuming."""
+    progress = checkpoint.load(folder.checkpoint, cfg) if cfg.resuming else None
+    if cfg.resuming:
         log(INFO, "resume: %s", f"from encoder round {progress.encoder.done}, head round {progress.head.done}, "
             f"threshold round {progress.threshold_done}"
-            if progress else f"no checkpoint at {checkpoint_path}, starting from the beginning")
+            if progress else f"no checkpoint at {folder.checkpoint} (resume = auto), starting from the beginning")
     data = dataset(cfg)  # fails fast on missing/malformed data
     oracle = make_oracle(cfg, data)  # loads its model (or checks its server) before clients featurize
     # a resumed run books its traffic on top of what the crashed one had sent
     ledger = progress.server["ledger"] if progress and progress.server else Ledger()
     exchange = Exchange(grid, ledger, cfg.round_timeout, min_active=cfg.min_active_clients)
     timings: dict[str, float] = {}
-
-    with stopwatch(timings, "setup"):
-        info = phases.setup(exchange, grid, cfg)
-        cluster_of = {n: i.cluster_id for n, i in info.items()}
-        peers = PeerCoordinator(cfg.p2p_neighbours, cfg.p2p_neighbour_k, cfg.p2p_cost, cfg.llm_cost) if cfg.p2p else None
-        run = Run(cfg, exchange, oracle, info, make_aggregator(cfg, cluster_of), peers, progress or checkpoint.Progress(),
-                  checkpoint_path)
-        run.restore_server_state()
-        run.aggregator.summary()
-        log(INFO, "setup: %d clients in clusters %s", len(info), sorted(set(cluster_of.values())))
-    if cfg.encoder_rounds:
-        with stopwatch(timings, "encoder"):
-            phases.encoder_phase(run, data.num_classes)
-    with stopwatch(timings, "head"):
-        phases.head_phase(run)
-        phases.install_head(run)
-    with stopwatch(timings, "threshold"):
-        phases.threshold_phase(run)
-    with stopwatch(timings, "inference"):
-        evaluation = phases.inference_phase(run)
-
-    write_report(RunOutcome(
-        cfg=cfg, dataset_source=data.source, class_names=data.class_names, info=run.info, evaluation=evaluation,
-        progress=run.progress, ledger=run.ledger, failures=exchange.failures, dropped=exchange.dropped,
-        rejected=run.aggregator.rejected, oracle_failures=run.oracle_failures, peers=run.peers,
-        pooled_label_counts=run.pooled_label_counts, timings={**timings, "total": time.monotonic() - started},
+    try:
+        with stopwatch(timings, "setup"):
+            info = phases.setup(exchange, grid, cfg)
+            cluster_of = {n: i.cluster_id for n, i in info.items()}
+            peers = PeerCoordinator(cfg.p2p_neighbours, cfg.p2p_neighbour_k, cfg.p2p_cost, cfg.llm_cost) if cfg.p2p else None
+            state = Run(cfg, exchange, oracle, info, make_aggregator(cfg, cluster_of), peers, progress or checkpoint.Progress(),
+                        folder.checkpoint)
+            state.restore_server_state()
+            state.aggregator.summary()
+            log(INFO, "setup: %d clients in clusters %s", len(info), sorted(set(cluster_of.values())))
+        if cfg.encoder_rounds:
+            with stopwatch(timings, "encoder"):
+                phases.encoder_phase(state, data.num_classes)
+        with stopwatch(timings, "head"):
+            phases.head_phase(state)
+            phases.install_head(state)
+        with stopwatch(timings, "threshold"):
+            phases.threshold_phase(state)
+        with stopwatch(timings, "inference"):
+            evaluation = phases.inference_phase(state)
+    finally:
+        oracle.close()
+    return RunOutcome(
+        cfg=cfg, dataset_source=data.source, class_names=data.class_names, info=state.info, evaluation=evaluation,
+        progress=state.progress, ledger=state.ledger, failures=exchange.failures, dropped=exchange.dropped,
+        rejected=state.aggregator.rejected, oracle_failures=state.oracle_failures, peers=state.peers,
+        pooled_label_counts=state.pooled_label_counts, timings={**timings, "total": time.monotonic() - started},
         started_epoch=started_epoch,
-    ))
-    oracle.close()
+    )

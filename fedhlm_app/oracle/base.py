@@ -123,6 +123,25 @@ class Traffic:
         return out
 
 
+class CircuitBreaker:
+    """Stops calling a failing model server: after ``limit`` consecutive failed requests, further
+    requests fail at once (no connection, no retries) until ``reset``, which each phase does. A dead
+    server then costs a phase ``limit`` requests' retries instead of retries for every item."""
+
+    def __init__(self, limit: int = 3) -> None:
+        self.limit, self.failures = limit, 0
+
+    @property
+    def open(self) -> bool:
+        return self.failures >= self.limit
+
+    def record(self, ok: bool) -> None:
+        self.failures = 0 if ok else self.failures + 1
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
 class Oracle(ABC):
     """A cloud model that verifies SLM drafts."""
 
@@ -131,6 +150,7 @@ class Oracle(ABC):
         self.rng = np.random.default_rng([seed, 7])
         self.traffic = Traffic()
         self.last_failure = ""  # a backend's note on why items went unanswered in the current call
+        self.breaker: CircuitBreaker | None = None  # networked backends: shared with their HTTP client
 
     @abstractmethod
     def distribution(self, texts: list[str]) -> np.ndarray:
@@ -205,7 +225,10 @@ def is_distribution(q: np.ndarray) -> np.ndarray:
 
 
 def verify_safely(oracle: Oracle, batch: EscalationBatch) -> Verification:
-    """``oracle.verify`` that never raises: whatever goes wrong, the items keep their SLM draft."""
+    """``oracle.verify`` that never raises: whatever goes wrong, the items keep their SLM draft.
+    Each call is a phase's batch: a networked backend's circuit breaker starts closed."""
+    if oracle.breaker is not None:
+        oracle.breaker.reset()
     try:
         return oracle.verify(batch)
     except Exception as exc:  # noqa: BLE001 - any backend failure must not end the run

@@ -10,11 +10,11 @@ from __future__ import annotations
 import http.client
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from fedhlm_app.oracle.base import OracleError, Traffic
+from fedhlm_app.oracle.base import CircuitBreaker, OracleError, Traffic
 
 BACKOFF_S = 0.25  # first retry delay; doubles per retry
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
@@ -36,9 +36,23 @@ class JSONClient:
     token: str = ""
     timeout: float = 60.0
     retries: int = 2
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
     def request(self, method: str, path: str, payload: Any, traffic: Traffic) -> Any:
-        """Send with retries (connection errors, timeouts, 408/429/5xx); raise ``OracleError`` at the end."""
+        """Send with retries (connection errors, timeouts, 408/429/5xx); raise ``OracleError`` at the end.
+        While the breaker is open, fail at once."""
+        if self.breaker.open:
+            raise OracleError(f"{self.base_url} not called: its last {self.breaker.failures} requests failed "
+                              f"(oracle-max-failures = {self.breaker.limit})")
+        try:
+            reply = self._with_retries(method, path, payload, traffic)
+        except OracleError:
+            self.breaker.record(ok=False)
+            raise
+        self.breaker.record(ok=True)
+        return reply
+
+    def _with_retries(self, method: str, path: str, payload: Any, traffic: Traffic) -> Any:
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             if attempt:

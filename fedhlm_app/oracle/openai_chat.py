@@ -21,7 +21,7 @@ import numpy as np
 
 from fedhlm_app.config import ConfigError
 from fedhlm_app.data.datasets import Dataset
-from fedhlm_app.oracle.base import ModelOracle, OracleError, Traffic, store_folder
+from fedhlm_app.oracle.base import CircuitBreaker, ModelOracle, OracleError, Traffic, store_folder
 from fedhlm_app.oracle.http import HTTPStatusError, JSONClient
 from fedhlm_app.oracle.prompts import LabelPrompt, label_prompt
 
@@ -39,6 +39,7 @@ class OpenAIChatOracle(ModelOracle):
         self.use_logprobs = True  # switched off for good when the server refuses them
         ident = f"{client.base_url}|{model}|{prompt!r}"
         super().__init__(len(prompt.class_names), seed, store_folder(cache_dir, "openai", ident), batch_size)
+        self.breaker = client.breaker
 
     def compute(self, texts: list[str]) -> np.ndarray:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
@@ -107,6 +108,7 @@ def from_config(cfg: dict[str, Any], dataset: Dataset) -> OpenAIChatOracle:
             f"oracle 'openai' needs 'oracle-url' (or ${URL_ENV}), e.g. http://localhost:8000/v1 for vLLM or "
             "http://localhost:11434/v1 for Ollama, and 'oracle-model', the model name the server knows"
         )
-    client = JSONClient(url.rstrip("/"), cfg.oracle_api_key or os.environ.get(KEY_ENV, ""), cfg.oracle_timeout, cfg.oracle_retries)
+    client = JSONClient(url.rstrip("/"), cfg.oracle_api_key or os.environ.get(KEY_ENV, ""), cfg.oracle_timeout, cfg.oracle_retries,
+                        CircuitBreaker(cfg.oracle_max_failures))
     return OpenAIChatOracle(client, cfg.oracle_model, label_prompt(cfg, dataset), cfg.seed, cfg.cache_dir,
                             cfg.oracle_concurrency, cfg.oracle_batch_size)

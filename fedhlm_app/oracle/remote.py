@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedhlm_app.data.datasets import Dataset
-from fedhlm_app.oracle.base import EscalationBatch, Oracle, OracleError, Verification
+from fedhlm_app.oracle.base import CircuitBreaker, EscalationBatch, Oracle, OracleError, Verification
 from fedhlm_app.oracle.http import JSONClient
 from fedhlm_app.oracle.wire import parse_distribution_reply, parse_verify_reply, verify_request
 from fedhlm_app.routing.speculative import Verdict
@@ -30,6 +30,7 @@ class RemoteOracle(Oracle):
     def __init__(self, client: JSONClient, class_names: list[str], seed: int, batch_size: int) -> None:
         super().__init__(len(class_names), seed)
         self.client, self.batch_size = client, batch_size
+        self.breaker = client.breaker
         self._check_service(class_names)
 
     def _check_service(self, class_names: list[str]) -> None:
@@ -83,5 +84,6 @@ def from_config(cfg: dict[str, Any], dataset: Dataset) -> RemoteOracle:
         token=cfg.oracle_api_key or os.environ.get(TOKEN_ENV, ""),
         timeout=cfg.oracle_timeout,
         retries=cfg.oracle_retries,
+        breaker=CircuitBreaker(cfg.oracle_max_failures),
     )
     return RemoteOracle(client, list(dataset.class_names), cfg.seed, cfg.oracle_batch_size)

@@ -41,18 +41,15 @@ def _config_value(key: str, value: Any) -> Any:
     return str(value) if isinstance(value, float) and value == float("inf") else value
 
 
-def _oracle_block(
-    cfg: dict[str, Any], failures: list[dict[str, Any]], training_items: int, policies: dict[str, dict[str, float]]
-) -> dict[str, Any]:
+def _oracle_block(outcome: RunOutcome) -> dict[str, Any]:
     """Which oracle answered, and every batch it did not (fully) answer."""
-    asked = training_items + sum(p["llm_items"] for p in policies.values())
-    failed = sum(f["items"] for f in failures)
+    asked, failed = outcome.oracle_items()
     return {
-        "backend": cfg.oracle,
+        "backend": outcome.cfg.oracle,
         "oracle_failures": failed,  # items that kept the SLM draft because the oracle did not answer
         "items_asked": asked,
         "failure_rate": failed / asked if asked else 0.0,
-        "failed_batches": failures,
+        "failed_batches": outcome.oracle_failures,
     }
 
 
@@ -277,6 +274,16 @@ class RunOutcome:
     timings: dict[str, float]
     started_epoch: float
 
+    def oracle_items(self) -> tuple[int, int]:
+        """Items sent to the oracle (training and every policy) and items it did not answer."""
+        asked = self.progress.training_escalations + sum(row["escalated"] for rows in self.evaluation.values() for row in rows.values())
+        return int(asked), sum(f["items"] for f in self.oracle_failures)
+
+    @property
+    def oracle_never_answered(self) -> bool:
+        asked, failed = self.oracle_items()
+        return asked > 0 and failed >= asked
+
 
 def write_report(outcome: RunOutcome) -> Path:
     """Write results.json, model.npz, thresholds.png and summary.md; point ``latest`` at them."""
@@ -357,7 +364,7 @@ def write_report(outcome: RunOutcome) -> Path:
         "failures": o.failures,
         "dropouts": _dropouts(info, dropped),
         "rejected_updates": o.rejected,  # invalid updates dropped before aggregation
-        "oracle": _oracle_block(cfg, o.oracle_failures, training_escalations, policies),
+        "oracle": _oracle_block(o),
         "dataset": {"source": o.dataset_source, "classes": o.class_names},
         "wall_time_s": timings["total"],
         "timings_s": timings,

@@ -95,7 +95,7 @@ class MemorySampler(threading.Thread):
 
 def launch(run_name: str, preset: str, overrides: list[str], cache_dir: Path, results_dir: Path) -> dict:
     """One launch of the main job, timed and memory-sampled; its results.json timings merged in."""
-    config = f"run-name='{run_name}' cache-dir='{cache_dir}' results-dir='{results_dir}'"
+    config = f"run-name='{run_name}' overwrite=true cache-dir='{cache_dir}' results-dir='{results_dir}'"
     cmd = [sys.executable, "-m", "fedhlm_app.tools.launch", preset, *sum((["-c", o] for o in overrides), []), "-c", config]
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
     log_path = results_dir / f"{run_name}.log"

@@ -39,7 +39,7 @@ from fedhlm_app.tools.launch import merged_config, with_default_paths  # noqa: E
 
 def inprocess_round_median(run_name: str, preset: str, overrides: list[str], cache_dir: Path, results_dir: Path) -> float:
     """Median threshold-round seconds of one in-process run."""
-    extra = f"run-name='{run_name}' cache-dir='{cache_dir}' results-dir='{results_dir}'"
+    extra = f"run-name='{run_name}' overwrite=true cache-dir='{cache_dir}' results-dir='{results_dir}'"
     cfg = with_default_paths(merged_config([preset], [*overrides, extra]))
     run_inprocess(cfg)
     rounds = json.loads((results_path(cfg) / "results.json").read_text())["thresholds"]["rounds"]

@@ -162,8 +162,10 @@ class RunConfig:
         return validate({**self.as_dict(), **{key_names()[k]: v for k, v in changes.items()}})
 
     def as_dict(self) -> dict[str, Any]:
-        """The run config as Flower holds it: kebab-case keys."""
-        return {key: getattr(self, name) for name, key in key_names().items()}
+        """The run config as Flower holds it: kebab-case keys, TOML types (``resume`` a boolean unless 'auto')."""
+        values = {key: getattr(self, name) for name, key in key_names().items()}
+        values["resume"] = {"true": True, "false": False}.get(self.resume, self.resume)
+        return values
 
 
 def validate(run_config: Mapping[str, Any] | RunConfig) -> RunConfig:

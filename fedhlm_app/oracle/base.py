@@ -264,15 +264,26 @@ class Backend:
     module: str
     factory: str
     summary: str
+    check: str = ""  # a function of the module that checks the config without loading the model (``check_backend``)
 
 
 BACKENDS: dict[str, Backend] = {
     "labels": Backend(__name__, "_labels", "ground truth of the dataset (the paper's simulated LLM)"),
-    "classifier": Backend("fedhlm_app.oracle.classifier", "from_config", "a transformers sequence classifier"),
-    "causal-lm": Backend("fedhlm_app.oracle.causal_lm", "from_config", "a causal LM scoring each label word after a prompt"),
-    "openai": Backend("fedhlm_app.oracle.openai_chat", "from_config", "an OpenAI-compatible chat-completions server"),
-    "remote": Backend("fedhlm_app.oracle.remote", "from_config", "FedHLM's oracle service (python -m fedhlm_app.oracle.service)"),
+    "classifier": Backend("fedhlm_app.oracle.classifier", "from_config", "a transformers sequence classifier", "check_config"),
+    "causal-lm": Backend("fedhlm_app.oracle.causal_lm", "from_config", "a causal LM scoring each label word after a prompt",
+                         "check_config"),
+    "openai": Backend("fedhlm_app.oracle.openai_chat", "from_config", "an OpenAI-compatible chat-completions server", "check_config"),
+    "remote": Backend("fedhlm_app.oracle.remote", "from_config", "FedHLM's oracle service (python -m fedhlm_app.oracle.service)",
+                      "check_config"),
 }
+
+
+def check_backend(cfg: Any) -> None:
+    """What can be checked of the configured backend without loading its model: its model is there,
+    its server answers. Raises ``OracleError`` (or ``ConfigError``) saying what is wrong."""
+    backend = BACKENDS[cfg.oracle]
+    if backend.check:
+        getattr(importlib.import_module(backend.module), backend.check)(cfg)
 
 
 def make_oracle(cfg: dict[str, Any], dataset: Dataset) -> Oracle:

@@ -149,6 +149,11 @@ def serve_openai_compatible(folder: Path, log: Path, timeout: float = 180.0) -> 
     raise RuntimeError(f"transformers serve did not come up within {timeout:.0f} s: {log.read_text()[-2000:]}")
 
 
+def check_config(cfg: Any) -> None:
+    """The model can be found (a package, a .gguf file or a folder)."""
+    locate_model(cfg.oracle_model or DEFAULT_MODEL)
+
+
 def from_config(cfg: dict[str, Any], dataset: Dataset) -> CausalLMOracle:
     return CausalLMOracle(cfg.oracle_model or DEFAULT_MODEL, label_prompt(cfg, dataset), cfg.seed, cfg.cache_dir, cfg.oracle_batch_size)
 

@@ -59,11 +59,23 @@ def check_checkpoint(folder: Path, class_names: list[str]) -> None:
         raise ConfigError(f"oracle-model '{folder}': labels {named} are not the dataset's classes {class_names}")
 
 
-def from_config(cfg: dict[str, Any], dataset: Dataset) -> ClassifierOracle:
+def model_folder(cfg: Any) -> Path:
+    """The configured checkpoint folder (``oracle-model``, else ``$FEDHLM_CLASSIFIER``)."""
     name = cfg.oracle_model or os.environ.get(MODEL_ENV, "")
     if not name:
         raise ConfigError(
             f"oracle 'classifier' needs run-config 'oracle-model' (or ${MODEL_ENV}): a checkpoint folder, "
             "e.g. one written by python -m fedhlm_app.oracle.train_classifier"
         )
-    return ClassifierOracle(Path(name).expanduser(), list(dataset.class_names), cfg.seed, cfg.cache_dir, cfg.oracle_batch_size)
+    return Path(name).expanduser()
+
+
+def check_config(cfg: Any) -> None:
+    """The checkpoint folder is there and holds a model config."""
+    folder = model_folder(cfg)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"oracle-model '{folder}': no config.json there (train one: python -m fedhlm_app.oracle.train_classifier)")
+
+
+def from_config(cfg: dict[str, Any], dataset: Dataset) -> ClassifierOracle:
+    return ClassifierOracle(model_folder(cfg), list(dataset.class_names), cfg.seed, cfg.cache_dir, cfg.oracle_batch_size)

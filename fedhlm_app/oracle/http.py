@@ -93,6 +93,18 @@ class JSONClient:
             raise OracleError(f"{method} {target}: the reply is not JSON ({data[:80]!r})") from None
 
 
+def reachable(url: str, token: str, timeout: float) -> None:
+    """Raise ``OracleError`` unless something answers HTTP at ``url`` (any status, one try)."""
+    split = urlsplit(url)
+    client = JSONClient(f"{split.scheme}://{split.netloc}", token, min(timeout, 10.0), retries=0)
+    try:
+        client.request("GET", split.path, None, Traffic())
+    except HTTPStatusError:
+        return  # it answered
+    except OracleError as exc:
+        raise OracleError(f"the oracle server at {url} does not answer: {exc}") from None
+
+
 def _error_message(data: bytes) -> str:
     """The message of a structured error reply, else the start of the body."""
     try:

@@ -22,7 +22,7 @@ import numpy as np
 from fedhlm_app.config import ConfigError
 from fedhlm_app.data.datasets import Dataset
 from fedhlm_app.oracle.base import CircuitBreaker, ModelOracle, OracleError, Traffic, store_folder
-from fedhlm_app.oracle.http import HTTPStatusError, JSONClient
+from fedhlm_app.oracle.http import HTTPStatusError, JSONClient, reachable
 from fedhlm_app.oracle.prompts import LabelPrompt, label_prompt
 
 URL_ENV, KEY_ENV = "OPENAI_BASE_URL", "OPENAI_API_KEY"
@@ -101,13 +101,23 @@ class OpenAIChatOracle(ModelOracle):
         return mass / mass.sum() if mass.sum() > 1e-6 else None
 
 
-def from_config(cfg: dict[str, Any], dataset: Dataset) -> OpenAIChatOracle:
+def server_url(cfg: Any) -> str:
     url = cfg.oracle_url or os.environ.get(URL_ENV, "")
     if not url or not cfg.oracle_model:
         raise ConfigError(
             f"oracle 'openai' needs 'oracle-url' (or ${URL_ENV}), e.g. http://localhost:8000/v1 for vLLM or "
             "http://localhost:11434/v1 for Ollama, and 'oracle-model', the model name the server knows"
         )
+    return url
+
+
+def check_config(cfg: Any) -> None:
+    """The server answers HTTP at its URL (any status: some servers list no models)."""
+    reachable(server_url(cfg).rstrip("/") + "/models", cfg.oracle_api_key or os.environ.get(KEY_ENV, ""), cfg.oracle_timeout)
+
+
+def from_config(cfg: dict[str, Any], dataset: Dataset) -> OpenAIChatOracle:
+    url = server_url(cfg)
     client = JSONClient(url.rstrip("/"), cfg.oracle_api_key or os.environ.get(KEY_ENV, ""), cfg.oracle_timeout, cfg.oracle_retries,
                         CircuitBreaker(cfg.oracle_max_failures))
     return OpenAIChatOracle(client, cfg.oracle_model, label_prompt(cfg, dataset), cfg.seed, cfg.cache_dir,

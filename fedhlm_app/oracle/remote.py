@@ -16,7 +16,7 @@ import numpy as np
 
 from fedhlm_app.data.datasets import Dataset
 from fedhlm_app.oracle.base import CircuitBreaker, EscalationBatch, Oracle, OracleError, Verification
-from fedhlm_app.oracle.http import JSONClient
+from fedhlm_app.oracle.http import JSONClient, reachable
 from fedhlm_app.oracle.wire import parse_distribution_reply, parse_verify_reply, verify_request
 from fedhlm_app.routing.speculative import Verdict
 
@@ -76,6 +76,12 @@ def _join(parts: list[Verification], n: int, num_classes: int) -> Verification:
     q = np.concatenate([p.q if p.q is not None else np.full((len(p.answered), num_classes), np.nan) for p in parts])
     causes = sorted({p.failure for p in parts if p.failure})
     return Verification(np.concatenate([p.answered for p in parts]), verdict, "; ".join(causes), q)
+
+
+def check_config(cfg: Any) -> None:
+    """The service answers ``/health``."""
+    url = (cfg.oracle_url or os.environ.get(URL_ENV, "") or DEFAULT_URL).rstrip("/")
+    reachable(url + "/health", cfg.oracle_api_key or os.environ.get(TOKEN_ENV, ""), cfg.oracle_timeout)
 
 
 def from_config(cfg: dict[str, Any], dataset: Dataset) -> RemoteOracle:

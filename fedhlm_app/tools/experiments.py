@@ -53,7 +53,7 @@ def _run(base: RunConfig, name: str, overrides: dict[str, Any], seed: int, out: 
     from fedhlm_app.tools.inprocess import run_inprocess
 
     cfg = validate({**base.as_dict(), **overrides, "seed": seed, "run-name": f"{name}-seed{seed}".replace("=", "-"),
-                    "results-dir": str(out / "runs")})
+                    "results-dir": str(out / "runs"), "overwrite": True})  # the harness's own runs: a rerun replaces them
     started = time.monotonic()
     run_inprocess(cfg.as_dict())
     results = json.loads((out / "runs" / cfg.run_name / "results.json").read_text())

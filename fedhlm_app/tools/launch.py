@@ -15,32 +15,62 @@ What it does, in order:
    includes the virtual environment (7 s of every launch);
 4. checks the run status with ``flwr ls`` (``flwr run`` exits 0 even when the
    app failed) and exits non-zero unless it is ``finished:completed``.
+
+Interrupted (Ctrl-C, SIGINT or SIGTERM), it stops the run (``flwr stop``), then the SuperLink and
+every process under it (SuperExec, the simulation, Ray), and says how to resume: the checkpoint
+of the last completed round stays valid.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shlex
+import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from fedhlm_app import paths
 from fedhlm_app.config import ConfigError, RunConfig, validate
 from fedhlm_app.data.datasets import DataError, load_local, resolve_data_dir
 from fedhlm_app.data.partition import configured_partitions
+from fedhlm_app.oracle.base import OracleError, check_backend
+from fedhlm_app.reporting.run_folder import RunFolder, RunFolderError
 from fedhlm_app.slm.features import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+# One ``key=value`` pair of a ``-c`` string, as Flower's ``--run-config`` reads them: a quoted value
+# may hold spaces.
+OVERRIDE = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """The ``key=value`` pairs of one ``-c`` string (TOML values; quote strings); anything else is an error."""
+    leftover = OVERRIDE.sub("", text).strip()
+    if leftover:
+        raise ConfigError(f"override '{text}': cannot read '{leftover}' (write key=value pairs; quote strings: key='a b')")
+    values = {}
+    for key, value in OVERRIDE.findall(text):
+        try:
+            values.update(tomllib.loads(f"{key} = {value}"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"override '{key}={value}' is not TOML 'key=value' ({exc}); quote strings: key='text'") from exc
+    return values
 
 
 def merged_config(presets: list[str], overrides: list[str]) -> dict[str, Any]:
@@ -52,11 +82,7 @@ def merged_config(presets: list[str], overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"run-config file '{preset}' not found")
         cfg.update(tomllib.loads(path.read_text()))
     for text in overrides:
-        for pair in shlex.split(text, posix=False):  # keeps the quotes TOML needs
-            try:
-                cfg.update(tomllib.loads(pair))
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"override '{pair}' is not TOML 'key=value' ({exc}); quote strings: key='text'") from exc
+        cfg.update(parse_overrides(text))
     return cfg
 
 
@@ -73,11 +99,28 @@ def resolved_config(presets: list[str], overrides: list[str]) -> RunConfig:
     return validate(with_default_paths(merged_config(presets, overrides)))
 
 
+def check_everything(cfg: RunConfig) -> None:
+    """What can fail before training, checked now: the data, the SLM, the oracle, the folders."""
+    check_local_data(cfg)
+    check_model(cfg)
+    try:
+        check_backend(cfg)
+    except OracleError as exc:
+        raise ConfigError(f"oracle '{cfg.oracle}': {exc}") from None
+    check_folders(cfg)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in {"", "0"}
+
+
 def check_local_data(cfg: RunConfig) -> None:
     """Read the local CSVs and partition them once, so a broken dataset or an impossible
-    partition (``min-partition-size``) fails before Ray starts, not in every client."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in {"", "0"}
-    if cfg.data_source == "local" or (cfg.data_source == "auto" and offline):
+    partition (``min-partition-size``) fails before Ray starts, not in every client. With
+    ``data-source = "auto"`` the local folder is checked too whenever there is one: the Hub
+    may not answer, and then it is what the run reads."""
+    local_folder = paths.data_dir(cfg.data_dir)
+    if cfg.data_source == "local" or (cfg.data_source == "auto" and (_hub_offline() or local_folder is not None)):
         ds = load_local(resolve_data_dir(cfg.data_dir), cfg.train_file, cfg.test_file)
         ds = ds.truncated(cfg.max_train_items, cfg.max_test_items, cfg.seed)
         try:
@@ -92,11 +135,29 @@ def check_model(cfg: RunConfig) -> None:
         path = Path(resolve_model_path(cfg.slm_model))
     except FileNotFoundError as exc:  # a packaged model whose wheels are missing
         raise ConfigError(str(exc)) from exc
+    looks_like_a_path = cfg.slm_model.startswith(("/", ".", "~")) or Path(cfg.slm_model).expanduser().exists()
+    if not path.is_dir() and (looks_like_a_path or _hub_offline()):
+        raise ConfigError(f"slm-model '{cfg.slm_model}': no such folder" + ("" if looks_like_a_path else
+                          " (and the Hugging Face Hub is offline: 'minilm', 'mpnet' or a local checkpoint folder)"))
     config_file = path / "config.json"
     if cfg.encoder_rounds and config_file.is_file():
         layers = int(json.loads(config_file.read_text()).get("num_hidden_layers", 0))
         if cfg.encoder_layers > layers:
             raise ConfigError(f"encoder-layers = {cfg.encoder_layers}, but '{cfg.slm_model}' has {layers} layers")
+
+
+def check_folders(cfg: RunConfig) -> None:
+    """The results and cache folders are writable, and the run's folder may be used (``RunFolder``)."""
+    for what, folder in (("results-dir", paths.results_dir(cfg.results_dir)), ("cache-dir", paths.cache_dir(cfg.cache_dir))):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{what} '{folder}' is not writable: {exc.strerror or exc}") from None
+    run_folder = RunFolder.of(cfg)
+    run_folder.check_start(cfg)
+    run_folder.check_unlocked()
 
 
 APP_FILES = ("pyproject.toml", "server_app.py", "client_app.py", "fedhlm_app/**/*.py")
@@ -172,14 +233,39 @@ def wait_healthy(url: str, proc: subprocess.Popen, what: str, log_path: Path, ti
 
 
 def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """Terminate ``proc`` (SIGTERM), then kill it if it has not exited after ``grace`` seconds."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """Terminate ``proc`` and every process under it (SIGTERM), then kill what is left after ``grace``
+    seconds. The tree is read first: Ray's and Flower's processes outlive a parent that is gone."""
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for member in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(alive, timeout=grace)
+    proc.poll()
+
+
+class Interrupted(KeyboardInterrupt):
+    """The launcher got SIGTERM (SIGINT raises KeyboardInterrupt itself)."""
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def stop_running_runs(env: dict[str, str]) -> None:
+    """``flwr stop`` every run the SuperLink still has pending or running."""
+    listing = subprocess.run([flower_bin("flwr"), "ls", "--format", "json"], env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=30)
+    for run in json.loads(listing.stdout or "{}").get("runs", []):
+        if not str(run.get("status", "")).startswith("finished"):
+            subprocess.run([flower_bin("flwr"), "stop", str(run["run-id"])], env=env, cwd=ROOT, capture_output=True, timeout=30)
+            print(f"fedhlm: stopped run {run['run-id']}", flush=True)
 
 
 def run_app(cfg: RunConfig, app_dir: Path, connection: str, env: dict[str, str], extra: list[str] = ()) -> str:
@@ -187,9 +273,11 @@ def run_app(cfg: RunConfig, app_dir: Path, connection: str, env: dict[str, str],
 
     ``flwr run`` exits 0 even when the app failed, so the status comes from ``flwr ls``.
     """
-    # Every key is passed explicitly, so what runs is exactly the validated, merged config.
-    overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.as_dict().items())
-    cmd = [flower_bin("flwr"), "run", str(stage_app(app_dir)), connection, "--stream", "--run-config", overrides, *extra]
+    # Every key is passed explicitly, so what runs is exactly the validated, merged config; as a TOML
+    # file, so no value is split or unquoted on the way.
+    config_file = app_dir.parent / "run-config.toml"
+    config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.as_dict().items()))
+    cmd = [flower_bin("flwr"), "run", str(stage_app(app_dir)), connection, "--stream", "--run-config", str(config_file), *extra]
     run_started = time.monotonic()
     subprocess.run(cmd, env=env, cwd=ROOT, check=False)
     print(f"fedhlm: flwr run returned after {time.monotonic() - run_started:.1f} s", flush=True)
@@ -210,12 +298,17 @@ def run_simulation(cfg: RunConfig, flwr_home: Path, cpus_per_client: int) -> str
             [flower_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
              "--disable-runtime-dependency-installation"],
             env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the launcher only: it stops the run and the tree in order
         )
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", superlink, "SuperLink", log_path)
         print(f"fedhlm: SuperLink ready in {time.monotonic() - started:.1f} s", flush=True)
         simulation = f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cpus_per_client}"
         return run_app(cfg, flwr_home / "app", "fedhlm-sim", env, ["--federation-config", simulation])
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):  # best effort: the SuperLink's tree is stopped below in any case
+            stop_running_runs(env)
+        raise
     finally:
         stopping = time.monotonic()
         stop(superlink)
@@ -232,15 +325,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = resolved_config(args.presets, args.run_config)
-        check_local_data(cfg)
-        check_model(cfg)
-    except (ConfigError, DataError) as exc:
+        cfg = cfg.replace(run_name=cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))  # named now: the resume hint needs it
+        check_everything(cfg)
+    except (ConfigError, DataError, RunFolderError) as exc:
         print(f"fedhlm: {exc}", file=sys.stderr)
         return 2
     if args.check_only:
-        print("fedhlm: config and data OK")
+        print("fedhlm: config, data, models, oracle and folders OK")
         return 0
-    status = run_simulation(cfg, Path(args.flwr_home).resolve(), args.cpus_per_client)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        status = run_simulation(cfg, Path(args.flwr_home).resolve(), args.cpus_per_client)
+    except KeyboardInterrupt as exc:
+        print(f"fedhlm: interrupted ({exc or 'SIGINT'}); the run and its processes were stopped. The checkpoint of the last "
+              f"completed round is {RunFolder.of(cfg).checkpoint}: continue with -c \"run-name='{cfg.run_name}' resume=true\"",
+              file=sys.stderr, flush=True)
+        return 130 if not isinstance(exc, Interrupted) else 143
     print(f"fedhlm: run status {status}")
     return 0 if status == "finished:completed" else 1
 

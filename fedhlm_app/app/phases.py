@@ -206,8 +206,21 @@ def threshold_phase(run: Run) -> None:
             log(WARNING, "threshold round %d: no updates, keeping tau = %.4f", rnd, p.tau_global)
         else:
             _record_threshold_round(run, rnd, result, round_items, len(replies), time.monotonic() - round_started)
+        _warn_if_stuck(run, rnd)
         p.threshold_done = rnd
         run.save()
+
+
+STUCK_ROUNDS = 3  # rounds without any movement of the thresholds before the run warns
+
+
+def _warn_if_stuck(run: Run, rnd: int) -> None:
+    """Say once when the thresholds have not moved from tau-init at all: the gradient vanished."""
+    taus = [t for r in run.progress.rounds for t in (r["tau_global"], *r["tau_clusters"].values())]
+    if rnd == STUCK_ROUNDS and len(run.progress.rounds) == STUCK_ROUNDS and all(abs(t - run.cfg.tau_init) < 1e-9 for t in taus):
+        log(WARNING, "threshold round %d: no threshold has moved from tau-init = %s: the loss gradient vanishes (kappa = %s "
+            "makes the smooth routing a step no item's uncertainty is near, or threshold-lr = %s is too small)",
+            rnd, run.cfg.tau_init, run.cfg.kappa, run.cfg.threshold_lr)
 
 
 def _record_threshold_round(run: Run, rnd: int, result: RoundResult, items: int, clients: int, seconds: float) -> None:

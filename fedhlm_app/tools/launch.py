@@ -311,7 +311,7 @@ def run_simulation(cfg: RunConfig, flwr_home: Path, cpus_per_client: int) -> str
         raise
     finally:
         stopping = time.monotonic()
-        stop(superlink)
+        stop(superlink, grace=5.0)  # Ray's agents may ignore SIGTERM: they are killed after the grace
         print(f"fedhlm: SuperLink stopped in {time.monotonic() - stopping:.1f} s", flush=True)
 
 
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = run_simulation(cfg, Path(args.flwr_home).resolve(), args.cpus_per_client)
     except KeyboardInterrupt as exc:
-        print(f"fedhlm: interrupted ({exc or 'SIGINT'}); the run and its processes were stopped. The checkpoint of the last "
+        print(f"fedhlm: interrupted ({exc.args[0] if exc.args else 'SIGINT'}); the run and its processes were stopped. The checkpoint of the last "
               f"completed round is {RunFolder.of(cfg).checkpoint}: continue with -c \"run-name='{cfg.run_name}' resume=true\"",
               file=sys.stderr, flush=True)
         return 130 if not isinstance(exc, Interrupted) else 143

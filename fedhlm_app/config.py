@@ -76,6 +76,7 @@ class RunConfig:
     min_active_clients: int = _positive("an integer >= 1 (the run stops when fewer clients remain)")
     min_cluster_clients: int = _positive("an integer >= 1 (a cluster with fewer valid updates keeps its last aggregate)")
     round_timeout: float = _positive("seconds > 0")
+    node_wait: float = _positive("seconds > 0 (how long setup waits for one more SuperNode before it stops)")
     # data
     data_source: str = _one_of(DATA_SOURCES)
     hub_dataset: str = _key(bool, "a Hub dataset name")

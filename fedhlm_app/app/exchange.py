@@ -108,11 +108,23 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
     return replies
 
 
-def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
-    """Node ids once ``wanted`` nodes are connected (or whatever is there at the timeout)."""
-    deadline = time.monotonic() + timeout
-    while len(nodes := sorted(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
-        time.sleep(1.0)
-    if len(nodes) < wanted:
-        log(WARNING, "only %d of %d nodes connected after %.0fs", len(nodes), wanted, timeout)
-    return nodes
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float, stall: float) -> list[int]:
+    """Node ids once ``wanted`` nodes are connected. Gives up when no new node has connected for
+    ``stall`` seconds (a simulation registers all its SuperNodes at once) or after ``timeout``,
+    raising an error that names the fix."""
+    started = last_change = time.monotonic()
+    nodes: list[int] = []
+    while True:
+        now_nodes = sorted(grid.get_node_ids())
+        now = time.monotonic()
+        if len(now_nodes) != len(nodes):
+            nodes, last_change = now_nodes, now
+        if len(nodes) >= wanted:
+            return nodes
+        if now - last_change > stall or now - started > timeout:
+            raise RuntimeError(
+                f"only {len(nodes)} of the {wanted} SuperNodes this run needs connected (no new one in {now - last_change:.0f} s). "
+                f'In a simulation pass --federation-config "num-supernodes={wanted}" to flwr run (or lower num-clients); '
+                "in a deployment start more SuperNodes, set min-clients to run with fewer, or raise node-wait"
+            )
+        time.sleep(0.5)

@@ -41,7 +41,7 @@ NO_ESCALATION, ALL_ESCALATION = 2.0, -1.0  # thresholds no uncertainty reaches /
 
 def setup(exchange: Exchange, grid: Grid, cfg: RunConfig) -> dict[int, NodeInfo]:
     """Phase 1: every client featurizes its data and reports its cluster and sizes."""
-    nodes = wait_for_nodes(grid, cfg.min_clients or cfg.num_clients, cfg.round_timeout)
+    nodes = wait_for_nodes(grid, cfg.min_clients or cfg.num_clients, cfg.round_timeout, cfg.node_wait)
     replies = exchange("setup", protocol.SETUP, {n: RecordDict() for n in nodes})
     info = {n: NodeInfo.unpack(r.content) for n, r in replies.items()}
     for node, row in info.items():  # nothing to train or calibrate on: skipped, counted as a dropout

@@ -46,6 +46,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = validate(context.run_config)  # fail fast, before anything loads
     cfg = cfg.replace(run_name=cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))  # fixed now: the checkpoint lives there
     folder = RunFolder.of(cfg)
+    log(INFO, "run '%s': results in %s", cfg.run_name, folder.path)
     folder.check_start(cfg)
     with folder.locked():
         outcome = run(grid, cfg, folder, started, started_epoch)

@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 PRESET ?= conf/paper.toml
 ARGS ?=
 
-.PHONY: setup setup-mpnet run smoke lint test experiments clean
+.PHONY: setup setup-mpnet run smoke lint test docker-test experiments clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ lint: setup
 ## test: lint, then the whole test suite (unit, in-process apps, one real flwr run)
 test: lint
 	$(PY) -m pytest -q
+
+## docker-test: build the image (docker/build.sh) and run the compose deployment for real: TLS, node auth, 4 SuperNodes,
+## the oracle service, a SuperNode killed mid-run, `down` leaves nothing (needs Docker Engine and Compose; several minutes)
+docker-test: setup
+	FEDHLM_DOCKER_TEST=1 $(PY) -m pytest -q -s tests/test_docker_run.py
 
 clean:
 	rm -rf .flwr_home results .pytest_cache

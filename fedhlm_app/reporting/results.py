@@ -285,50 +285,46 @@ class RunOutcome:
         return asked > 0 and failed >= asked
 
 
-def write_report(outcome: RunOutcome) -> Path:
-    """Write results.json, model.npz, thresholds.png and summary.md; point ``latest`` at them."""
-    o = outcome
-    cfg, info, evaluation, ledger, peers, timings = o.cfg, o.info, o.evaluation, o.ledger, o.peers, o.timings
-    rounds, training_escalations = o.progress.rounds, o.progress.training_escalations
-    dropped = o.dropped
-    run_name = cfg.run_name
-    root = results_dir(cfg.results_dir)
-    out = root / run_name
-    out.mkdir(parents=True, exist_ok=True)
+def _client_rows(o: RunOutcome) -> list[dict[str, Any]]:
+    """Each client's FedHLM outcome, in partition order."""
+    rows = []
+    for node, row in sorted(o.evaluation["fedhlm"].items(), key=lambda kv: o.info[kv[0]].partition_id):
+        n, info = row["num-examples"] or 1, o.info[node]
+        rows.append({
+            "node_id": node,
+            "partition_id": info.partition_id,
+            "cluster": info.cluster_id,
+            "tau": row["tau"],
+            "num_test": int(row["num-examples"]),
+            "num_calibration": info.n_calibration,
+            "num_fit": info.n_fit,
+            "accuracy": row["correct"] / n,
+            "slm_accuracy": row["slm-correct"] / n,
+            "llm_rate": row["escalated"] / n,
+            "local_rate": 1 - row["escalated"] / n,
+            "own_label_prior": bool(row["queries-own-prior"]),  # its queries were re-weighted to its label mix
+        })
+    return rows
 
+
+def results_of(o: RunOutcome) -> dict[str, Any]:
+    """Everything ``results.json`` holds (the README's Results section describes each key)."""
+    cfg, info, evaluation, ledger, rounds = o.cfg, o.info, o.evaluation, o.ledger, o.progress.rounds
     policies = {name: policy_summary(per_client) for name, per_client in evaluation.items()}
     ours = policies["fedhlm"]
     ours_p2p = p2p_summary(evaluation["fedhlm"])
-    cloud_rate = policies["cloud_only"]["llm_rate"] or 1.0
     llm_bytes = {name: ledger.total(f"inference:{name}", "client->llm") for name in policies}
-    clients = []
-    for node, row in sorted(evaluation["fedhlm"].items(), key=lambda kv: info[kv[0]].partition_id):
-        n = row["num-examples"] or 1
-        clients.append(
-            {
-                "node_id": node,
-                "partition_id": info[node].partition_id,
-                "cluster": info[node].cluster_id,
-                "tau": row["tau"],
-                "num_test": int(row["num-examples"]),
-                "num_calibration": info[node].n_calibration,
-                "num_fit": info[node].n_fit,
-                "accuracy": row["correct"] / n,
-                "slm_accuracy": row["slm-correct"] / n,
-                "llm_rate": row["escalated"] / n,
-                "local_rate": 1 - row["escalated"] / n,
-                "own_label_prior": bool(row["queries-own-prior"]),  # its queries were re-weighted to its label mix
-            }
-        )
+    clients = _client_rows(o)
     clusters = {}
     for cluster in sorted({c["cluster"] for c in clients}):
-        members = {node: evaluation["fedhlm"][node] for node in evaluation["fedhlm"] if info[node].cluster_id == cluster}
+        members = {node: row for node, row in evaluation["fedhlm"].items() if info[node].cluster_id == cluster}
         clusters[str(cluster)] = {**policy_summary(members), "clients": len(members)}
-    results = {
-        "run_name": run_name,
+    cluster_names = sorted({c for r in rounds for c in r["tau_clusters"]}, key=int)
+    return {
+        "run_name": cfg.run_name,
         "accuracy": ours["accuracy"],
         "llm_rate": ours["llm_rate"],
-        "llm_reduction": 1.0 - ours["llm_rate"] / cloud_rate,
+        "llm_reduction": 1.0 - ours["llm_rate"] / (policies["cloud_only"]["llm_rate"] or 1.0),
         "local_rate": ours["local_rate"],
         "p2p_rate": ours["p2p_rate"],
         "tiers": ours_p2p["tiers"],
@@ -341,16 +337,13 @@ def write_report(outcome: RunOutcome) -> Path:
         },
         "thresholds": {
             "global": [r["tau_global"] for r in rounds],
-            "clusters": {c: [r["tau_clusters"].get(c) for r in rounds] for c in sorted({c for r in rounds for c in r["tau_clusters"]}, key=int)},
+            "clusters": {c: [r["tau_clusters"].get(c) for r in rounds] for c in cluster_names},
             "rounds": rounds,
         },
-        "p2p": _p2p_block(cfg, evaluation, info, policies, llm_bytes, peers, ours_p2p),
+        "p2p": _p2p_block(cfg, evaluation, info, policies, llm_bytes, o.peers, ours_p2p),
         "head_rounds": o.progress.head.history,
         "encoder_rounds": o.progress.encoder.history,
-        "training": {
-            "llm_items": training_escalations,
-            "calibration_items": sum(i.n_calibration for i in info.values()),
-        },
+        "training": {"llm_items": o.progress.training_escalations, "calibration_items": sum(i.n_calibration for i in info.values())},
         "clients": clients,
         "clients_with_own_label_prior": sum(c["own_label_prior"] for c in clients),
         "clusters": clusters,
@@ -358,40 +351,42 @@ def write_report(outcome: RunOutcome) -> Path:
             "by_phase_and_link": ledger.to_dict(),
             "training_bytes": sum(ledger.total(phase) for phase in ("setup", "encoder", "head", "threshold")),
             "training_llm_bytes": ledger.total("threshold", "client->llm") + ledger.total("threshold", "llm->client"),
-            "inference_llm_bytes": {name: llm_bytes[name] for name in policies},
+            "inference_llm_bytes": llm_bytes,
             "p2p_bytes": ledger.total("p2p"),
         },
         "failures": o.failures,
-        "dropouts": _dropouts(info, dropped),
+        "dropouts": _dropouts(info, o.dropped),
         "rejected_updates": o.rejected,  # invalid updates dropped before aggregation
         "oracle": _oracle_block(o),
         "dataset": {"source": o.dataset_source, "classes": o.class_names},
-        "wall_time_s": timings["total"],
-        "timings_s": timings,
+        "wall_time_s": o.timings["total"],
+        "timings_s": o.timings,
         "started_epoch": o.started_epoch,  # when the ServerApp started (Unix time), for bench/main_job.py
         "config": {k: _config_value(k, v) for k, v in cfg.as_dict().items()},
     }
-    _write_json(out / "results.json", results)
-    head_params, encoder_params = o.progress.head.params, o.progress.encoder.params
-    if head_params is not None:
-        # The learned model: the global head, the fine-tuned encoder layers (if any), the pooled
-        # label counts the clients re-weighted it with, and each client's threshold.
-        pooled = {"label_counts": o.pooled_label_counts} if o.pooled_label_counts is not None else {}
-        _write_atomically(out / "model.npz", lambda tmp: np.savez(
-            tmp, **{f"head_{i}": p for i, p in enumerate(head_params)},
-            **{f"encoder_{i}": p for i, p in enumerate(encoder_params or [])}, **pooled,
-            partition_ids=np.array([c["partition_id"] for c in clients]), taus=np.array([c["tau"] for c in clients]),
-            clusters=np.array([c["cluster"] for c in clients]),
-        ))
-    if rounds:
-        plot_thresholds(rounds, cfg.uncertainty, out / "thresholds.png")
 
-    table = summary_table(policies, llm_bytes)
-    lines = [
-        f"# FedHLM run `{run_name}`",
+
+def _save_model(path: Path, o: RunOutcome, clients: list[dict[str, Any]]) -> None:
+    """The learned model: the global head, the fine-tuned encoder layers (if any), the pooled label
+    counts the clients re-weighted it with, and each client's threshold."""
+    pooled = {"label_counts": o.pooled_label_counts} if o.pooled_label_counts is not None else {}
+    _write_atomically(path, lambda tmp: np.savez(
+        tmp, **{f"head_{i}": p for i, p in enumerate(o.progress.head.params)},
+        **{f"encoder_{i}": p for i, p in enumerate(o.progress.encoder.params or [])}, **pooled,
+        partition_ids=np.array([c["partition_id"] for c in clients]), taus=np.array([c["tau"] for c in clients]),
+        clusters=np.array([c["cluster"] for c in clients]),
+    ))
+
+
+def summary_lines(o: RunOutcome, results: dict[str, Any], table: list[str]) -> list[str]:
+    """``summary.md``: the table and the headline numbers, warnings first."""
+    cfg, rounds, communication = o.cfg, o.progress.rounds, results["communication"]
+    p2p, rejected = results["p2p"], results["rejected_updates"]
+    return [
+        f"# FedHLM run `{cfg.run_name}`",
         "",
         *_oracle_warning(results["oracle"]),
-        f"{len(clients)} clients in {len(clusters)} clusters, Dirichlet alpha {cfg.dirichlet_alpha}, "
+        f"{len(results['clients'])} clients in {len(results['clusters'])} clusters, Dirichlet alpha {cfg.dirichlet_alpha}, "
         f"{len(rounds)} threshold rounds, strategy `{cfg.strategy}`, oracle `{cfg.oracle}`, "
         f"SLM `{cfg.slm_model}`, data `{o.dataset_source}`.",
         "",
@@ -399,40 +394,47 @@ def write_report(outcome: RunOutcome) -> Path:
         "",
         f"- LLM transmissions cut by {results['llm_reduction']:.1%} against cloud-only; "
         f"final global threshold {results['final_threshold']:.4f}.",
-        *(
-            [
-                f"- P2P: {results['p2p']['hits']} of {results['p2p']['attempts']} uncertain items answered by peers "
-                f"(false reuse {results['p2p']['false_reuse_rate']:.1%}, 95% CI "
-                f"{results['p2p']['false_reuse_ci95'][0]:.1%}-{results['p2p']['false_reuse_ci95'][1]:.1%}); "
-                f"prototype traffic {_fmt_bytes(results['communication']['p2p_bytes'])}."
-            ]
-            if results["p2p"]["enabled"]
-            else []
-        ),
-        *_dropout_lines(results["dropouts"], len(set(info) | set(dropped))),  # setup skips are not in info
-        *(
-            [f"- **{len(results['rejected_updates'])} invalid client updates rejected before aggregation** "
-             "(`rejected_updates` in results.json names node, round and reason)."]
-            if results["rejected_updates"]
-            else []
-        ),
-        f"- Training-time LLM items: {training_escalations} "
-        f"({_fmt_bytes(results['communication']['training_llm_bytes'])} to and from the LLM).",
-        f"- Wall time {timings['total']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if k != "total") + ").",
+        *([f"- P2P: {p2p['hits']} of {p2p['attempts']} uncertain items answered by peers "
+           f"(false reuse {p2p['false_reuse_rate']:.1%}, 95% CI {p2p['false_reuse_ci95'][0]:.1%}-{p2p['false_reuse_ci95'][1]:.1%}); "
+           f"prototype traffic {_fmt_bytes(communication['p2p_bytes'])}."] if p2p["enabled"] else []),
+        *_dropout_lines(results["dropouts"], len(set(o.info) | set(o.dropped))),  # setup skips are not in info
+        *([f"- **{len(rejected)} invalid client updates rejected before aggregation** "
+           "(`rejected_updates` in results.json names node, round and reason)."] if rejected else []),
+        f"- Training-time LLM items: {o.progress.training_escalations} "
+        f"({_fmt_bytes(communication['training_llm_bytes'])} to and from the LLM).",
+        f"- Wall time {o.timings['total']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in o.timings.items() if k != "total") + ").",
         "",
         "![thresholds](thresholds.png)" if rounds else "",
     ]
-    _write_atomically(out / "summary.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
-    latest = root / "latest"
+
+def _point_latest(root: Path, run_name: str) -> None:
+    """``root/latest`` -> the run's folder, replaced atomically."""
     tmp_link = root / f".latest-{os.getpid()}"
     if tmp_link.is_symlink():
         tmp_link.unlink()
     tmp_link.symlink_to(run_name, target_is_directory=True)
-    os.replace(tmp_link, latest)
+    os.replace(tmp_link, root / "latest")
 
-    _log("FedHLM results (%d test items, written to %s):", ours["num_items"], out)
+
+def write_report(outcome: RunOutcome) -> Path:
+    """Write results.json, model.npz, thresholds.png and summary.md; point ``latest`` at them."""
+    o = outcome
+    root = results_dir(o.cfg.results_dir)
+    out = root / o.cfg.run_name
+    out.mkdir(parents=True, exist_ok=True)
+    results = results_of(o)
+    _write_json(out / "results.json", results)
+    if o.progress.head.params is not None:
+        _save_model(out / "model.npz", o, results["clients"])
+    if o.progress.rounds:
+        plot_thresholds(o.progress.rounds, o.cfg.uncertainty, out / "thresholds.png")
+    policies = {name: policy_summary(per_client) for name, per_client in o.evaluation.items()}
+    table = summary_table(policies, results["communication"]["inference_llm_bytes"])
+    _write_atomically(out / "summary.md", lambda tmp: tmp.write_text("\n".join(summary_lines(o, results, table)) + "\n"))
+    _point_latest(root, o.cfg.run_name)
+    _log("FedHLM results (%d test items, written to %s):", results["num_test_items"], out)
     for row in table:
         _log("%s", row)
-    _log("LLM reduction %.2f%%, wall time %.1f s", 100 * results["llm_reduction"], timings["total"])
+    _log("LLM reduction %.2f%%, wall time %.1f s", 100 * results["llm_reduction"], o.timings["total"])
     return out

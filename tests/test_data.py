@@ -136,3 +136,8 @@ def test_corrupt_and_oversized_files_are_named(tmp_path):
     long_text = "word " * 60_000  # 300,000 characters: more than the csv module's default field limit
     ds = _load(tmp_path, f'"1","{long_text}"\n"2","short"\n')
     assert len(ds.train.texts[0]) == len(long_text.strip())
+
+
+def test_a_byte_order_mark_does_not_hide_the_header(tmp_path):
+    ds = _load(tmp_path, "\ufefflabel,text\r\nWorld,a\r\nSports,b\r\n", "\ufefflabel,text\r\nWorld,c\r\n")
+    assert ds.class_names == ["Sports", "World"] and ds.train.texts == ["a", "b"]

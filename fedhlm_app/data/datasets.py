@@ -109,7 +109,7 @@ def _read_rows(path: Path) -> list[list[str]]:
     csv.field_size_limit(MAX_FIELD_CHARS)
     rows: list[list[str]] = []
     try:
-        with opener(path, "rt", encoding="utf-8", newline="") as fh:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as fh:  # -sig: a byte-order mark (Excel) is not a header letter
             rows.extend(row for row in csv.reader(fh) if row)
     except csv.Error as exc:
         raise DataError(f"cannot read '{path}' after row {len(rows)}: {exc} (a field may hold at most {MAX_FIELD_CHARS:,} "
@@ -222,7 +222,7 @@ def _listed_classes(folder: Path) -> list[str]:
     names_file = folder / "classes.txt"
     if not names_file.is_file():
         return []
-    return [ln.strip() for ln in names_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return [ln.strip() for ln in names_file.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
 
 
 def load_local(folder: Path, train_file: str, test_file: str) -> Dataset:

@@ -68,7 +68,7 @@ class RunConfig:
     run_name: str = _key(lambda v: "/" not in v and v not in {".", "..", "latest"}, "a plain name without '/', not 'latest' (empty: timestamp)")
     results_dir: str = _anything("a folder path (empty: $FEDHLM_RESULTS_DIR or ./results)")
     resume: str = _one_of(RESUME_MODES)  # TOML booleans are read as "true" / "false"
-    overwrite: bool = _anything("true or false (replace the results of an earlier run of the same run-name)")
+    overwrite: bool = _anything("true or false (replace the results of an earlier run of the same run-name; a resume continues it)")
     seed: int = _at_least(0, "an integer >= 0")
     num_clients: int = _positive("an integer >= 1")
     num_clusters: int = _positive("an integer >= 1")
@@ -150,8 +150,6 @@ class RunConfig:
                 raise ConfigError(f"run config '{key}' = {value}: must be <= num-clients ({self.num_clients})")
         if self.resuming and not self.run_name:
             raise ConfigError(f"run config 'resume' = {self.resume}: needs a 'run-name' (the checkpoint is results-dir/run-name/checkpoint.pkl)")
-        if self.resuming and self.overwrite:
-            raise ConfigError(f"run config 'overwrite' = true and 'resume' = {self.resume}: choose one")
 
     @property
     def resuming(self) -> bool:

@@ -52,10 +52,10 @@ def test_a_run_folder_is_never_overwritten_silently(tmp_path):
     folder = tmp_path / "results" / "mine"
     folder.mkdir(parents=True)
     (folder / "results.json").write_text("{}")
-    result = _check(tmp_path, "run-name='mine'")
+    result = _check(tmp_path, "run-name='mine' overwrite=false")  # smoke.toml replaces its own runs; a user's may not
     assert result.returncode == 2 and "already holds a run" in result.stderr
     assert _check(tmp_path, "run-name='mine' overwrite=true").returncode == 0
-    cfg = validate(default_run_config(**{"run-name": "mine", "results-dir": str(tmp_path / "results")}))
+    cfg = validate(default_run_config(**{"run-name": "mine", "results-dir": str(tmp_path / "results"), "overwrite": False}))
     with pytest.raises(RunFolderError, match="resume = true, or replace it with overwrite = true"):
         RunFolder.of(cfg).check_start(cfg)
     assert (folder / "results.json").read_text() == "{}"

@@ -27,6 +27,7 @@ ledger, from its serialized size.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from io import BytesIO
@@ -218,6 +219,14 @@ class ClientMemory:
     final: np.ndarray
     tau: float | None
 
+    @staticmethod
+    def of(held: Mapping[str, np.ndarray]) -> ClientMemory:
+        """From arrays named ``ids``, ``beta``, ``final`` and ``tau`` (each may be missing), as a
+        checkpoint keeps them (``Progress.clients``) and as ``InstallHead`` carries them."""
+        empty = np.zeros(0)
+        return ClientMemory(held.get("ids", empty.astype(np.int64)), held.get("beta", empty), held.get("final", empty.astype(np.int64)),
+                            float(held["tau"][0]) if "tau" in held else None)
+
 
 @dataclass(frozen=True)
 class InstallHead:
@@ -242,12 +251,7 @@ class InstallHead:
     @staticmethod
     def unpack(content: RecordDict) -> InstallHead:
         pooled = to_numpy(content["label-counts"]["pooled"]) if "label-counts" in content else None
-        memory = None
-        if "restore" in content:
-            saved = record_named_arrays(content["restore"])
-            empty = np.zeros(0)
-            memory = ClientMemory(saved.get("ids", empty.astype(np.int64)), saved.get("beta", empty), saved.get("final", empty.astype(np.int64)),
-                                  float(saved["tau"][0]) if "tau" in saved else None)
+        memory = ClientMemory.of(record_named_arrays(content["restore"])) if "restore" in content else None
         return InstallHead(record_arrays(content["arrays"]), pooled, memory)
 
 

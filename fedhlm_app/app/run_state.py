@@ -55,11 +55,7 @@ class Run:
     def memory_of(self, node: int) -> ClientMemory | None:
         """What a resumed run's client had learned before the crash (None on a fresh run)."""
         held = self.progress.clients.get(self.partition_of[node])
-        if not held:
-            return None
-        empty = np.zeros(0)
-        return ClientMemory(held.get("ids", empty.astype(np.int64)), held.get("beta", empty), held.get("final", empty.astype(np.int64)),
-                            float(held["tau"][0]) if "tau" in held else None)
+        return ClientMemory.of(held) if held else None
 
     def save(self) -> None:
         """Checkpoint after a completed round (atomic)."""

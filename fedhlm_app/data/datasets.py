@@ -262,7 +262,8 @@ def load_local(folder: Path, train_file: str, test_file: str) -> Dataset:
     )
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE or HF_DATASETS_OFFLINE says not to try the Hub."""
     flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     return any(os.environ.get(f, "").strip().lower() in {"1", "true", "yes", "on"} for f in flags)
 
@@ -287,7 +288,7 @@ def load_dataset(source: str, hub_name: str, data_dir: str, train_file: str, tes
     ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` is set, and falls back to the
     local folder when the Hub is not reachable.
     """
-    if source == "hub" or (source == "auto" and not _hub_offline()):
+    if source == "hub" or (source == "auto" and not hub_offline()):
         try:
             return load_hub(hub_name)
         except Exception as exc:  # noqa: BLE001 - any Hub failure means "use local"

@@ -45,7 +45,7 @@ import psutil
 
 from fedhlm_app import paths
 from fedhlm_app.config import ConfigError, RunConfig, validate
-from fedhlm_app.data.datasets import DataError, load_local, resolve_data_dir
+from fedhlm_app.data.datasets import DataError, hub_offline, load_local, resolve_data_dir
 from fedhlm_app.data.partition import configured_partitions
 from fedhlm_app.oracle.base import OracleError, check_backend
 from fedhlm_app.reporting.run_folder import RunFolder, RunFolderError
@@ -110,17 +110,13 @@ def check_everything(cfg: RunConfig) -> None:
     check_folders(cfg)
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "") not in {"", "0"}
-
-
 def check_local_data(cfg: RunConfig) -> None:
     """Read the local CSVs and partition them once, so a broken dataset or an impossible
     partition (``min-partition-size``) fails before Ray starts, not in every client. With
     ``data-source = "auto"`` the local folder is checked too whenever there is one: the Hub
     may not answer, and then it is what the run reads."""
     local_folder = paths.data_dir(cfg.data_dir)
-    if cfg.data_source == "local" or (cfg.data_source == "auto" and (_hub_offline() or local_folder is not None)):
+    if cfg.data_source == "local" or (cfg.data_source == "auto" and (hub_offline() or local_folder is not None)):
         ds = load_local(resolve_data_dir(cfg.data_dir), cfg.train_file, cfg.test_file)
         ds = ds.truncated(cfg.max_train_items, cfg.max_test_items, cfg.seed)
         try:
@@ -136,7 +132,7 @@ def check_model(cfg: RunConfig) -> None:
     except FileNotFoundError as exc:  # a packaged model whose wheels are missing
         raise ConfigError(str(exc)) from exc
     looks_like_a_path = cfg.slm_model.startswith(("/", ".", "~")) or Path(cfg.slm_model).expanduser().exists()
-    if not path.is_dir() and (looks_like_a_path or _hub_offline()):
+    if not path.is_dir() and (looks_like_a_path or hub_offline()):
         raise ConfigError(f"slm-model '{cfg.slm_model}': no such folder" + ("" if looks_like_a_path else
                           " (and the Hugging Face Hub is offline: 'minilm', 'mpnet' or a local checkpoint folder)"))
     config_file = path / "config.json"

@@ -307,10 +307,9 @@ def _client_rows(o: RunOutcome) -> list[dict[str, Any]]:
     return rows
 
 
-def results_of(o: RunOutcome) -> dict[str, Any]:
-    """Everything ``results.json`` holds (the README's Results section describes each key)."""
+def results_of(o: RunOutcome, policies: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Everything ``results.json`` holds, from the outcome and its ``policy_summary`` per policy."""
     cfg, info, evaluation, ledger, rounds = o.cfg, o.info, o.evaluation, o.ledger, o.progress.rounds
-    policies = {name: policy_summary(per_client) for name, per_client in evaluation.items()}
     ours = policies["fedhlm"]
     ours_p2p = p2p_summary(evaluation["fedhlm"])
     llm_bytes = {name: ledger.total(f"inference:{name}", "client->llm") for name in policies}
@@ -423,13 +422,13 @@ def write_report(outcome: RunOutcome) -> Path:
     root = results_dir(o.cfg.results_dir)
     out = root / o.cfg.run_name
     out.mkdir(parents=True, exist_ok=True)
-    results = results_of(o)
+    policies = {name: policy_summary(per_client) for name, per_client in o.evaluation.items()}
+    results = results_of(o, policies)
     _write_json(out / "results.json", results)
     if o.progress.head.params is not None:
         _save_model(out / "model.npz", o, results["clients"])
     if o.progress.rounds:
         plot_thresholds(o.progress.rounds, o.cfg.uncertainty, out / "thresholds.png")
-    policies = {name: policy_summary(per_client) for name, per_client in o.evaluation.items()}
     table = summary_table(policies, results["communication"]["inference_llm_bytes"])
     _write_atomically(out / "summary.md", lambda tmp: tmp.write_text("\n".join(summary_lines(o, results, table)) + "\n"))
     _point_latest(root, o.cfg.run_name)

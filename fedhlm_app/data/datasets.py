@@ -199,13 +199,16 @@ def _case_classes(labels: list[str], listed: list[str]) -> dict[str, str]:
     return spelling
 
 
+def _alphanumerics(label: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", label.casefold())
+
+
 def _warn_near_duplicates(counts: dict[str, int]) -> None:
     """Warn (with counts) about labels that look like spellings of one class but are kept apart."""
     names = sorted(counts)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            squeeze = lambda s: re.sub(r"[^0-9a-z]", "", s.casefold())  # noqa: E731
-            alike = squeeze(a) == squeeze(b) or difflib.SequenceMatcher(None, a.casefold(), b.casefold()).ratio() >= 0.85
+            alike = _alphanumerics(a) == _alphanumerics(b) or difflib.SequenceMatcher(None, a.casefold(), b.casefold()).ratio() >= 0.85
             if alike and not (a.lstrip("-").isdigit() and b.lstrip("-").isdigit()):
                 log.warning("labels '%s' (%d rows) and '%s' (%d rows) look alike but are two classes", a, counts[a], b, counts[b])
 

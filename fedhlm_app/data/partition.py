@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedhlm_app.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ def partition_clients(
     return clients
 
 
-def configured_partitions(train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int, cfg: dict) -> list[ClientIndices]:
+def configured_partitions(train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int, cfg: RunConfig) -> list[ClientIndices]:
     """``partition_clients`` with the run config's skew, seed, calibration share and minimum size."""
     return partition_clients(train_labels, test_labels, num_clients, cfg.dirichlet_alpha, cfg.seed,
                              cfg.calibration_fraction, cfg.min_partition_size, cfg.test_label_mix)

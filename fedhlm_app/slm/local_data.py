@@ -22,7 +22,7 @@ import numpy as np
 
 from fedhlm_app.config import RunConfig
 from fedhlm_app.data.datasets import Dataset, Split, load_dataset, load_local
-from fedhlm_app.data.partition import calibration_split, cluster_of_partition, configured_partitions
+from fedhlm_app.data.partition import calibration_split, cluster_of_partition, partition_clients
 from fedhlm_app.paths import cache_dir
 from fedhlm_app.slm.features import EncoderSpec, featurize
 from fedhlm_app.slm.head import HeadInputs, unit_rows
@@ -95,17 +95,34 @@ class LocalData:
         return int(self.fit.x.shape[1])
 
 
-@lru_cache(maxsize=2)
+def _data_key(cfg: RunConfig) -> tuple:
+    """The keys that decide the dataset: what is read, and how it is cut down."""
+    return (cfg.data_source, cfg.hub_dataset, cfg.data_dir, cfg.train_file, cfg.test_file, cfg.max_train_items,
+            cfg.max_test_items, cfg.seed)
+
+
 def dataset(cfg: RunConfig) -> Dataset:
-    """The configured dataset, truncated as configured (the ServerApp's labels oracle reads it too)."""
-    full = load_dataset(cfg.data_source, cfg.hub_dataset, cfg.data_dir, cfg.train_file, cfg.test_file)
-    return full.truncated(cfg.max_train_items, cfg.max_test_items, cfg.seed)
+    """The configured dataset, truncated as configured (the ServerApp's labels oracle reads it too).
+    Cached by the keys that decide it, so runs that differ only in other keys (the harness's runs, a
+    ServerApp and its in-process clients) read and cut the files once."""
+    return _dataset(_data_key(cfg))
 
 
 @lru_cache(maxsize=2)
+def _dataset(key: tuple) -> Dataset:
+    source, hub, data_dir, train_file, test_file, max_train, max_test, seed = key
+    return load_dataset(source, hub, data_dir, train_file, test_file).truncated(max_train, max_test, seed)
+
+
 def _partitions(cfg: RunConfig, num_partitions: int):
-    ds = dataset(cfg)
-    return configured_partitions(ds.train.labels, ds.test.labels, num_partitions, cfg)
+    return _cut(_data_key(cfg), num_partitions, cfg.dirichlet_alpha, cfg.calibration_fraction, cfg.min_partition_size,
+                cfg.test_label_mix)
+
+
+@lru_cache(maxsize=2)
+def _cut(key: tuple, num_partitions: int, alpha: float, calibration: float, min_size: int, test_mix: str):
+    ds, seed = _dataset(key), key[-1]
+    return partition_clients(ds.train.labels, ds.test.labels, num_partitions, alpha, seed, calibration, min_size, test_mix)
 
 
 @lru_cache(maxsize=1024)  # a Ray actor serves many nodes: keep all of them (bench/rounds.py: 200)

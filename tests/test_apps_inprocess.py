@@ -262,7 +262,11 @@ def test_encoder_fine_tuning_rounds_then_the_head_reads_the_tuned_encoder(tmp_pa
 
 def test_thresholds_that_cannot_move_are_reported(tmp_path, tiny_bert, caplog):
     nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
-    with caplog.at_level("WARNING"):  # kappa so steep that sigmoid' is 0 for every item: tau never moves
-        _, results = _run(tmp_path, tiny_bert, nodes, **{"kappa": 1e6, "num-clients": 2, "num-clusters": 1, "threshold-rounds": 3})
+    # A step size so small that no step can move tau past the warning's 1e-9 (every step is at most
+    # lr * kappa / 4 = 1e-12), whatever the (randomly initialised) tiny BERT's uncertainties are.
+    with caplog.at_level("WARNING"):
+        _, results = _run(tmp_path, tiny_bert, nodes, **{"threshold-lr": 1e-13, "num-clients": 2, "num-clusters": 1,
+                                                         "threshold-rounds": 3})
     assert results["thresholds"]["global"] == pytest.approx([0.9] * 3)
-    assert "no threshold has moved from tau-init = 0.9: the loss gradient vanishes (kappa = 1000000.0" in caplog.text
+    assert "no threshold has moved from tau-init = 0.9: the loss gradient vanishes (kappa = 40.0" in caplog.text
+    assert "threshold-lr = 1e-13 is too small" in caplog.text

@@ -18,7 +18,7 @@ from fedhlm_app.data.datasets import load_local
 from fedhlm_app.oracle.base import EscalationBatch, LabelsOracle, Oracle, OracleError, verify_safely
 from fedhlm_app.oracle.http import JSONClient
 from fedhlm_app.oracle.remote import RemoteOracle
-from fedhlm_app.oracle.service import OracleService
+from fedhlm_app.oracle.service import Limits, OracleService
 from fedhlm_app.paths import BUNDLED_DATA
 
 TOKEN = "s3cret"
@@ -52,16 +52,14 @@ def _serve(server):
 
 @pytest.fixture(scope="module")
 def service(dataset):
-    server = _serve(OracleService(("127.0.0.1", 0), Flaky(LabelsOracle(dataset, 0)), "labels", dataset.class_names,
-                                  token=TOKEN, max_batch=8, max_body_bytes=64 * 1024))
-    yield server
-    server.shutdown()
-    server.server_close()
+    with OracleService(Flaky(LabelsOracle(dataset, 0)), "labels", dataset.class_names, token=TOKEN,
+                       limits=Limits(max_batch=8, max_body_bytes=64 * 1024, batch_window_ms=100)) as server:
+        yield server
 
 
 def _raw(server, method, path, body=b"", headers=None):
     """One HTTP request as bytes; returns (status, parsed JSON body)."""
-    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    conn = http.client.HTTPConnection(*server.address, timeout=10)
     conn.request(method, path, body=body, headers=headers if headers is not None else {
         "Authorization": f"Bearer {TOKEN}", "Content-Length": str(len(body))})
     response = conn.getresponse()
@@ -120,7 +118,7 @@ def test_unknown_routes_methods_and_missing_length_are_4xx(service):
     assert _raw(service, "GET", "/v2/nothing", headers={})[0] == 404
     assert _raw(service, "POST", "/v1/unknown", b"{}")[0] == 404
     assert _raw(service, "PUT", "/v1/verify", b"{}")[0] == 405
-    sock = socket.create_connection(service.server_address[:2], timeout=10)
+    sock = socket.create_connection(service.address, timeout=10)
     sock.sendall(f"POST /v1/verify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
     assert b" 411 " in sock.recv(4096).split(b"\r\n")[0]
     sock.close()
@@ -170,15 +168,14 @@ def test_remote_times_out_instead_of_hanging(service, dataset):
 
 
 def test_killed_service_leaves_items_unanswered_after_retries(dataset):
-    server = _serve(OracleService(("127.0.0.1", 0), LabelsOracle(dataset, 0), "labels", dataset.class_names))
+    server = OracleService(LabelsOracle(dataset, 0), "labels", dataset.class_names).start()
     remote = _remote(server, dataset, token="", retries=2)
     batch, labels = _items(dataset, 3)
     assert verify_safely(remote, batch).failed == 0
-    server.shutdown()
-    server.server_close()  # the service is gone: connections are refused
+    server.stop()  # the service is gone: connections are refused
     started = time.monotonic()
     result = verify_safely(remote, batch)
-    assert result.failed == 3 and "failed after 3 attempts" in result.failure and "Refused" in result.failure
+    assert result.failed == 3 and "failed after 3 attempts" in result.failure and "refused" in result.failure
     assert time.monotonic() - started >= 0.25 + 0.5  # backed off between attempts
     with pytest.raises(OracleError):
         remote.distribution(batch.texts)
@@ -244,13 +241,11 @@ def test_the_service_command_starts_serves_and_stops(tmp_path):
 
 
 def test_https_service_is_trusted_through_its_ca_only(tmp_path, dataset, monkeypatch):
-    from fedhlm_app.oracle.service import server_tls
     from fedhlm_app.tools.deploy.credentials import write_tls
 
     write_tls(tmp_path, ["127.0.0.1"])
-    server = _serve(OracleService(("127.0.0.1", 0), LabelsOracle(dataset, 0), "labels", dataset.class_names, token=TOKEN,
-                                  tls=server_tls(str(tmp_path / "server.pem"), str(tmp_path / "server.key"))))
-    try:
+    with OracleService(LabelsOracle(dataset, 0), "labels", dataset.class_names, token=TOKEN,
+                       tls_cert=str(tmp_path / "server.pem"), tls_key=str(tmp_path / "server.key")) as server:
         assert server.url.startswith("https://127.0.0.1:")
         batch, labels = _items(dataset, 3)
         monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.crt"))  # how a ServerApp trusts a private CA
@@ -259,9 +254,6 @@ def test_https_service_is_trusted_through_its_ca_only(tmp_path, dataset, monkeyp
         monkeypatch.delenv("SSL_CERT_FILE")
         untrusted = verify_safely(_remote(server, dataset, retries=0), batch)
         assert untrusted.failed == 3 and "CERTIFICATE_VERIFY_FAILED" in untrusted.failure
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_the_service_refuses_to_serve_beyond_loopback_without_a_token():
@@ -273,3 +265,80 @@ def test_the_service_refuses_to_serve_beyond_loopback_without_a_token():
     proc = subprocess.run([sys.executable, "-m", "fedhlm_app.oracle.service", "--host", "0.0.0.0", "--port", "1"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2 and "set FEDHLM_ORACLE_TOKEN to serve on 0.0.0.0" in proc.stderr
+
+
+def test_concurrent_requests_share_model_calls_and_a_failing_one_costs_only_itself(service, dataset):
+    from concurrent.futures import ThreadPoolExecutor
+
+    requests = []
+    for i in range(8):
+        batch, labels = _items(dataset, 3, start=3 * i)
+        texts = ["FAIL"] + batch.texts[1:] if i == 5 else batch.texts
+        requests.append((_body(EscalationBatch(batch.ids, texts, batch.probs, batch.drafts)), labels))
+    before = _metrics(service)
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda r: _raw(service, "POST", "/v1/verify", r[0]), requests))
+    for i, ((status, body), (_, labels)) in enumerate(zip(replies, requests)):
+        if i == 5:
+            assert status == 503 and "model crashed" in body["error"]["message"]
+        else:
+            assert status == 200 and body["final"] == labels.tolist()  # its own items, not a neighbour's
+    after = _metrics(service)
+    assert after["calls"] - before["calls"] < after["requests"] - before["requests"]  # some requests shared a call
+    assert after["retried_alone"] > before["retried_alone"]  # the call FAIL shared was re-run request by request
+
+
+def _metrics(server):
+    conn = http.client.HTTPConnection(*server.address, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+
+    def value(name):
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name)
+
+    return {"calls": value("fedhlm_oracle_model_batch_requests_count"), "requests": value("fedhlm_oracle_model_batch_requests_sum"),
+            "retried_alone": value("fedhlm_oracle_requests_retried_alone_total"),
+            "verify_200": sum(float(line.split()[-1]) for line in text.splitlines()
+                              if line.startswith('fedhlm_oracle_requests_total{route="/v1/verify",status="200"}'))}
+
+
+def test_metrics_count_requests_in_the_prometheus_format(service, dataset):
+    before = _metrics(service)["verify_200"]
+    batch, _ = _items(dataset, 2)
+    assert _raw(service, "POST", "/v1/verify", _body(batch))[0] == 200
+    assert _metrics(service)["verify_200"] == before + 1
+
+
+def test_openapi_documents_the_endpoints(service):
+    conn = http.client.HTTPConnection(*service.address, timeout=10)
+    conn.request("GET", "/openapi.json")
+    spec = json.loads(conn.getresponse().read())
+    conn.close()
+    assert {"/health", "/v1/verify", "/v1/distribution"} <= set(spec["paths"])
+    assert set(spec["components"]["schemas"]["VerifyRequest"]["required"]) == {"texts", "probs", "drafts"}
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
+
+
+def test_a_full_queue_is_a_503_with_retry_after(dataset):
+    from concurrent.futures import ThreadPoolExecutor
+
+    limits = Limits(max_waiting=1, batch_window_ms=0)
+    with OracleService(Flaky(LabelsOracle(dataset, 0)), "labels", dataset.class_names, limits=limits) as server:
+        batch, _ = _items(dataset, 1)
+        slow = _body(EscalationBatch(batch.ids, ["SLOW" + batch.texts[0]], batch.probs, batch.drafts))
+
+        def post(body):
+            conn = http.client.HTTPConnection(*server.address, timeout=10)
+            conn.request("POST", "/v1/verify", body=body, headers={"Content-Length": str(len(body))})
+            response = conn.getresponse()
+            return response.status, response.getheader("Retry-After"), json.loads(response.read())
+
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(post, slow)  # the model is busy with this one for 2 s
+            time.sleep(0.5)
+            waiting = pool.submit(post, _body(batch))  # queued
+            time.sleep(0.2)
+            refused = post(_body(batch))  # no room left
+            assert refused[0] == 503 and refused[1] == "1" and refused[2]["error"]["code"] == "overloaded"
+            assert first.result()[0] == 200 and waiting.result()[0] == 200

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from fedhlm_app.config import validate
-from fedhlm_app.oracle.base import OracleError, Traffic
+from fedhlm_app.oracle.base import OracleError
 from fedhlm_app.oracle.http import JSONClient
 from fedhlm_app.paths import BUNDLED_DATA
 from fedhlm_app.reporting.results import policy_summary
@@ -80,16 +80,16 @@ def test_a_dead_server_costs_a_phase_a_few_requests_not_one_per_item():
     started = time.monotonic()
     for _ in range(3):
         with pytest.raises(OracleError, match="failed after 3 attempts"):
-            client.request("POST", "/v1/verify", {}, Traffic())
+            client.request("POST", "/v1/verify", {})
     tried = time.monotonic() - started  # three requests, each with two backed-off retries
     started = time.monotonic()
     for _ in range(100):
         with pytest.raises(OracleError, match="not called: its last 3 requests failed"):
-            client.request("POST", "/v1/verify", {}, Traffic())
+            client.request("POST", "/v1/verify", {})
     assert time.monotonic() - started < tried / 10
     client.breaker.reset()  # the next phase tries again
     with pytest.raises(OracleError, match="failed after 3 attempts"):
-        client.request("POST", "/v1/verify", {}, Traffic())
+        client.request("POST", "/v1/verify", {})
 
 
 def test_overrides_keep_quoted_spaces_and_refuse_what_they_cannot_read():

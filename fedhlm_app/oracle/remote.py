@@ -1,9 +1,9 @@
 """The ``remote`` oracle backend: FedHLM's own oracle service over HTTP.
 
 The ServerApp sends each round's escalated items in requests of at most
-``oracle-batch-size`` items; each request has its own timeout and retries with
-backoff, and a request that still fails leaves only its items unanswered (they
-keep the SLM draft). Start the service with ``python -m fedhlm_app.oracle.service``.
+``oracle-batch-size`` items over one pooled connection (``JSONClient``); each
+request has its own timeout and retries with backoff, and a request that still
+fails leaves only its items unanswered (they keep the SLM draft). Start the service with ``python -m fedhlm_app.oracle.service``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class RemoteOracle(Oracle):
     def __init__(self, client: JSONClient, class_names: list[str], seed: int, batch_size: int) -> None:
         super().__init__(len(class_names), seed)
         self.client, self.batch_size = client, batch_size
-        self.breaker = client.breaker
+        self.breaker, self.traffic = client.breaker, client.traffic
         self._check_service(class_names)
 
     def _check_service(self, class_names: list[str]) -> None:
@@ -38,7 +38,7 @@ class RemoteOracle(Oracle):
         from flwr.common import log
 
         try:
-            health = self.client.request("GET", "/health", None, self.traffic)
+            health = self.client.request("GET", "/health")
         except OracleError as exc:
             log(WARNING, "oracle service %s is not answering (%s); escalated items keep their SLM draft until it does",
                 self.client.base_url, exc)
@@ -48,7 +48,7 @@ class RemoteOracle(Oracle):
 
     def distribution(self, texts: list[str]) -> np.ndarray:
         chunks = [texts[i : i + self.batch_size] for i in range(0, len(texts), self.batch_size)]
-        replies = [self.client.request("POST", "/v1/distribution", {"texts": chunk}, self.traffic) for chunk in chunks]
+        replies = [self.client.request("POST", "/v1/distribution", {"texts": chunk}) for chunk in chunks]
         parts = [parse_distribution_reply(r, len(c), self.num_classes) for r, c in zip(replies, chunks)]
         return np.concatenate(parts) if parts else np.zeros((0, self.num_classes))
 
@@ -57,11 +57,14 @@ class RemoteOracle(Oracle):
         for start in range(0, len(batch), self.batch_size):
             chunk = _slice(batch, start, start + self.batch_size)
             try:  # a failed request costs only its own items
-                reply = self.client.request("POST", "/v1/verify", verify_request(chunk), self.traffic)
+                reply = self.client.request("POST", "/v1/verify", verify_request(chunk))
                 parts.append(parse_verify_reply(reply, len(chunk), self.num_classes))
             except OracleError as exc:
                 parts.append(Verification.unanswered(len(chunk), str(exc)))
         return _join(parts, len(batch), self.num_classes)
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def _slice(batch: EscalationBatch, start: int, stop: int) -> EscalationBatch:

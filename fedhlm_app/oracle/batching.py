@@ -1,11 +1,11 @@
 """Dynamic batching: requests that arrive together share one model call.
 
 Each request is a job of some items. One worker takes the first waiting job,
-then keeps taking jobs for at most ``window_s`` (or until ``max_items`` items)
-while more requests are on their way,
-runs them as one batch on the model thread and hands each caller its own slice
-of the answer. A model is much faster per item in a batch (measured by
-``bench/oracles.py``), and the model thread is the only one that ever runs it.
+then, while more requests are on their way, keeps taking jobs for at most
+``window_s`` (or until ``max_items`` items), runs them as one batch on the model
+thread and hands each caller its own slice of the answer. A model is faster per
+item in a batch (``bench/oracles.py`` measures by how much), and the model thread
+is the only one that ever runs it.
 
 When a combined call fails, each job is run again on its own, so one bad
 request does not fail the requests it happened to share a batch with.

@@ -26,7 +26,6 @@ from fedhlm_app.slm.uncertainty import MEASURES
 DATA_SOURCES = ("auto", "hub", "local")
 PRECISIONS = ("auto", "fp32", "bf16")
 NEIGHBOUR_SCOPES = ("none", "all", "nearest")
-TEST_LABEL_MIXES = ("client", "pooled")
 RESUME_MODES = ("false", "true", "auto")  # auto: resume when a checkpoint exists, else start
 
 
@@ -87,7 +86,8 @@ class RunConfig:
     max_test_items: int = _at_least(0, "an integer >= 0 (0: all)")
     dirichlet_alpha: float = _positive("a number > 0 ('inf' for IID)")
     min_partition_size: int = _at_least(0, "an integer >= 0")
-    test_label_mix: str = _one_of(TEST_LABEL_MIXES)
+    query_shift: float = _unit("a number in [0, 1] (0: each client's queries follow its own label mix, 1: the pooled mix)")
+    query_drift: float = _unit("a number in [0, 1] (how far the query mix moves toward the pooled mix along the stream)")
     calibration_fraction: float = _key(lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
     # SLM
     slm_model: str = _key(bool, "'minilm' (packaged all-MiniLM-L6-v2), 'mpnet' (packaged all-mpnet-base-v2), a Hub id or a local path")
@@ -133,6 +133,7 @@ class RunConfig:
     trim_fraction: float = _key(lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5) (share trimmed at each end)")
     oracle: str = _one_of(BACKENDS)
     oracle_model: str = _anything("a model name or folder (see README, 'Cloud LLM backends')")
+    oracle_accuracy: float = _key(lambda v: 0.0 < v <= 1.0, "a number in (0, 1] (noisy-labels: how often its answer is the label)")
     oracle_url: str = _key(lambda v: v == "" or v.startswith(("http://", "https://")), "an http:// or https:// URL (or empty)")
     oracle_api_key: str = _anything("a key (empty: $OPENAI_API_KEY for openai, $FEDHLM_ORACLE_TOKEN for remote)")
     oracle_timeout: float = _positive("seconds > 0")

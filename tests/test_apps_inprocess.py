@@ -45,6 +45,11 @@ def test_full_pipeline_writes_every_result(four_clients_two_clusters):
     assert results["baselines"]["cloud_only"]["accuracy"] == 1.0  # the labels oracle is ground truth
     assert results["baselines"]["slm_only"]["llm_rate"] == 0.0
     assert results["llm_reduction"] == pytest.approx(1 - results["llm_rate"])
+    use = results["llm_use"]  # training counted too
+    assert use["total_items"] == use["training_items"] + use["inference_items"] and use["training_items"] == results["training"]["llm_items"]
+    assert use["cloud_only_items"] == results["num_test_items"]
+    assert results["llm_reduction_total"] == pytest.approx(1 - use["total_items"] / use["cloud_only_items"])
+    assert results["llm_reduction_total"] < results["llm_reduction"]
     assert results["num_test_items"] == 200
     assert (tmp / "results" / "smoke" / "thresholds.png").stat().st_size > 1000
     assert "FedHLM" in (tmp / "results" / "smoke" / "summary.md").read_text()
@@ -81,7 +86,8 @@ def test_client_state_keeps_threshold_feedback_and_head_outputs(four_clients_two
     _, (grid, results) = four_clients_two_clusters
     state = grid.state(1000)
     assert {"head-outputs", "threshold", "feedback"} <= set(state.keys())
-    assert state["head-outputs"]["test"].numpy().shape == (50, 4)  # probabilities, not the head's weights
+    queries = next(c["num_test"] for c in results["clients"] if c["node_id"] == 1000)
+    assert state["head-outputs"]["test"].numpy().shape == (queries, 4)  # probabilities, not the head's weights
     ids = state["feedback"]["ids"].numpy()
     assert len(ids) == len(np.unique(ids))  # each item is sent to the LLM at most once in training
 
@@ -90,7 +96,7 @@ def test_clients_reweight_the_global_head_to_their_own_label_mix(four_clients_tw
     from fedhlm_app.app.node import Node
     from fedhlm_app.reporting.results import SavedModel
     from fedhlm_app.slm.head import head_from_config
-    from fedhlm_app.slm.label_prior import likelier_prior, prior_of, shift_prior
+    from fedhlm_app.slm.label_prior import causal_priors, prior_of, shift_prior
 
     tmp, (grid, results) = four_clients_two_clusters
     contexts = [grid.context(node) for node in grid.get_node_ids()]
@@ -110,10 +116,11 @@ def test_clients_reweight_the_global_head_to_their_own_label_mix(four_clients_tw
         np.testing.assert_allclose(kept, shift_prior(calibration, own, pooled), atol=1e-6)
         assert np.abs(kept - calibration).max() > 1e-3  # each client's mix differs from the pooled one
         queries = head.predict_proba(data.test.inputs)
-        chosen = likelier_prior(queries, own, pooled)
-        np.testing.assert_allclose(ctx.state["head-outputs"]["test"].numpy(), shift_prior(queries, chosen, pooled), atol=1e-6)
+        priors = causal_priors(queries, own, pooled)
+        expected = queries * priors / pooled
+        np.testing.assert_allclose(ctx.state["head-outputs"]["test"].numpy(), expected / expected.sum(axis=1, keepdims=True), atol=1e-6)
         row = next(c for c in results["clients"] if c["node_id"] == ctx.node_id)
-        assert row["own_label_prior"] == (chosen is own)
+        assert row["adapted_queries"] == pytest.approx(np.mean(np.any(priors != pooled, axis=1)))
 
 
 def test_flat_fedavg_is_one_config_line(tmp_path, tiny_bert):
@@ -263,3 +270,41 @@ def test_thresholds_that_cannot_move_are_reported(tmp_path, tiny_bert, caplog):
     assert results["thresholds"]["global"] == pytest.approx([0.9] * 3)
     assert "no threshold has moved from tau-init = 0.9: the loss gradient vanishes (kappa = 40.0" in caplog.text
     assert "threshold-lr = 1e-13 is too small" in caplog.text
+
+
+def test_permuting_the_test_labels_after_partitioning_changes_no_probability_escalation_or_threshold(tmp_path, tiny_bert, monkeypatch):
+    """No test label reaches the model, the routing or the thresholds: only the scores may change."""
+    import dataclasses
+
+    import fedhlm_app.slm.local_data as local_data
+    from fedhlm_app.data.datasets import Split
+
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    overrides = {"num-clients": 3, "num-clusters": 1, "threshold-rounds": 3, "p2p": True, "cache-dir": str(tmp_path / "cache")}
+    grid, results = _run(tmp_path / "a", tiny_bert, nodes, **overrides)  # partitions computed and cached here
+    original = local_data._dataset
+
+    def permuted(key):
+        ds = original(key)
+        labels = np.random.default_rng(0).permutation(ds.test.labels)
+        return dataclasses.replace(ds, test=Split(ds.test.texts, labels))
+
+    monkeypatch.setattr(local_data, "_dataset", permuted)  # the cached partitions keep the original streams
+    local_data.local_texts.cache_clear()
+    local_data.local_data.cache_clear()
+    try:
+        grid_p, results_p = _run(tmp_path / "b", tiny_bert, nodes, **overrides)
+    finally:
+        local_data.local_texts.cache_clear()
+        local_data.local_data.cache_clear()
+    assert results_p["accuracy"] != results["accuracy"]  # the labels did change
+    # equal up to floating-point noise (the order sums happen to run in; below 1e-7), which no label decides
+    assert results_p["thresholds"]["global"] == pytest.approx(results["thresholds"]["global"], rel=1e-12)
+    for node in grid.get_node_ids():
+        np.testing.assert_allclose(grid_p.state(node)["head-outputs"]["test"].numpy(), grid.state(node)["head-outputs"]["test"].numpy(),
+                                   rtol=0, atol=1e-7)
+    for a, b in zip(results["clients"], results_p["clients"]):
+        assert a["tau"] == pytest.approx(b["tau"], rel=1e-12) and (a["llm_rate"], a["num_test"]) == (b["llm_rate"], b["num_test"])
+    for policy in ("fedhlm", "static_threshold"):
+        ledger, ledger_p = (r["communication"]["by_phase_and_link"][f"inference:{policy}"] for r in (results, results_p))
+        assert ledger.get("client->llm") == ledger_p.get("client->llm")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedhlm_app.slm.label_prior import label_counts, likelier_prior, prior_of, shift_prior
+from fedhlm_app.slm.label_prior import causal_priors, label_counts, prior_of, shift_prior
 
 
 def _posterior(x: np.ndarray, means: np.ndarray, prior: np.ndarray) -> np.ndarray:
@@ -42,12 +42,34 @@ def test_mismatched_class_counts_are_a_clear_error():
         shift_prior(np.full((2, 4), 0.25), np.full(3, 1 / 3), np.full(4, 0.25))
 
 
-@pytest.mark.parametrize("truth", ["own", "pooled"])
-def test_the_queries_choose_the_prior_they_were_drawn_from(truth):
-    rng = np.random.default_rng(2)
+def _stream(truth, n=300, seed=2):
+    rng = np.random.default_rng(seed)
     means = 1.5 * rng.normal(size=(4, 3))
     pooled, own = np.full(4, 0.25), np.array([0.7, 0.2, 0.05, 0.05])
-    labels = rng.choice(4, size=300, p=own if truth == "own" else pooled)
-    x = means[labels] + rng.normal(size=(300, 3))
-    chosen = likelier_prior(_posterior(x, means, pooled), own, pooled)
-    assert chosen is (own if truth == "own" else pooled)
+    mix = {"own": own, "pooled": pooled, "other": own[::-1]}[truth]
+    labels = rng.choice(4, size=n, p=mix)
+    x = means[labels] + rng.normal(size=(n, 3))
+    return _posterior(x, means, pooled), labels, own, pooled, mix
+
+
+@pytest.mark.parametrize("truth", ["own", "pooled", "other"])
+def test_each_query_gets_the_prior_of_the_queries_before_it(truth):
+    probs, _, own, pooled, mix = _stream(truth)
+    used = causal_priors(probs, own, pooled)
+    np.testing.assert_array_equal(used[0], pooled)  # nothing seen yet
+    assert np.abs(used[-50:] - mix).max() < 0.15  # the estimate has found the stream's mix (300 noisy queries)
+    # causal: a query's prior does not depend on the queries after it
+    np.testing.assert_array_equal(causal_priors(probs[:120], own, pooled), used[:120])
+
+
+@pytest.mark.parametrize("truth", ["own", "pooled", "other"])
+def test_the_causal_prior_is_never_much_worse_than_none(truth):
+    accuracy = []
+    for seed in range(5):
+        probs, labels, own, pooled, _ = _stream(truth, seed=seed)
+        adapted = probs * causal_priors(probs, own, pooled) / pooled
+        accuracy.append(((adapted.argmax(axis=1) == labels).mean(), (probs.argmax(axis=1) == labels).mean()))
+    with_prior, without = np.mean(accuracy, axis=0)
+    assert with_prior >= without - 0.003
+    if truth != "pooled":
+        assert with_prior > without + 0.02  # and it pays when the stream has a mix of its own

@@ -158,3 +158,21 @@ def test_few_shot_examples_are_balanced_deterministic_and_short():
     messages = prompt.chat("Red Sox win")
     assert messages[0]["role"] == "system" and messages[-1] == {"role": "user", "content": "Text: Red Sox win"}
     assert len(messages) == 2 + 2 * len(shots)
+
+
+@pytest.mark.parametrize("accuracy", [1.0, 0.9, 0.5])
+def test_the_noisy_labels_oracle_is_right_on_its_share_of_texts_and_always_the_same_way(accuracy):
+    from fedhlm_app.data.datasets import load_local
+    from fedhlm_app.oracle.base import NoisyLabelsOracle, is_distribution
+    from fedhlm_app.paths import BUNDLED_DATA
+
+    data = load_local(BUNDLED_DATA, "train.csv", "test.csv")
+    oracle = NoisyLabelsOracle(data, seed=1, accuracy=accuracy)
+    texts, labels = data.test.texts[:3000], data.test.labels[:3000]
+    q = oracle.distribution(texts)
+    assert is_distribution(q).all()
+    assert abs((q.argmax(axis=1) == labels).mean() - accuracy) < 0.03
+    np.testing.assert_array_equal(oracle.distribution(texts[::-1]), q[::-1])  # the same text, the same answer
+    wrong = q.argmax(axis=1) != labels
+    if wrong.any():  # wrong answers spread over the other classes
+        assert len(np.unique(q.argmax(axis=1)[wrong])) == C

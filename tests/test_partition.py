@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedhlm_app.data.partition import cluster_of_partition, partition_clients, split_like
+from fedhlm_app.data.partition import cluster_of_partition, partition_clients, query_streams
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def test_partition_is_disjoint_complete_and_deterministic(labels):
     b = partition_clients(train, test, 10, 0.5, 7, 0.2, 10)
     rows = np.concatenate([np.r_[c.fit, c.calibration] for c in a])
     assert sorted(rows.tolist()) == list(range(len(train)))
-    assert sorted(np.concatenate([c.test for c in a]).tolist()) == list(range(len(test)))
+    assert abs(sum(len(c.test) for c in a) - len(test)) <= len(a)  # as many queries as test rows, in all
     assert all(np.array_equal(x.fit, y.fit) and np.array_equal(x.test, y.test) for x, y in zip(a, b))
     assert all(abs(len(c.calibration) - 0.2 * (len(c.fit) + len(c.calibration))) <= 1 for c in a)
 
@@ -31,14 +31,33 @@ def test_small_alpha_skews_labels_more_than_large_alpha(labels):
     assert mean_max_share(0.1) > mean_max_share(100.0) + 0.2
 
 
-def test_test_split_follows_train_label_mix():
+def _mix(labels, rows, num_classes=3):
+    return np.bincount(labels[rows], minlength=num_classes) / len(rows)
+
+
+def test_queries_are_sampled_from_the_clients_own_mix_then_shift_to_the_pooled_one():
     rng = np.random.default_rng(1)
-    train = rng.integers(0, 3, size=3000)
-    test = rng.integers(0, 3, size=3000)
+    train = rng.integers(0, 3, size=30000)
+    test = rng.integers(0, 3, size=30000)
+    parts = [np.flatnonzero(train == 0), np.flatnonzero(train != 0)]  # client 0 knows class 0 only
+    own = query_streams(test, parts, train, shift=0.0, drift=0.0, seed=0)
+    assert set(test[own[0]].tolist()) == {0} and np.sum(test[own[1]] == 0) == 0
+    pooled = query_streams(test, parts, train, shift=1.0, drift=0.0, seed=0)
+    np.testing.assert_allclose(_mix(test, pooled[0]), _mix(train, np.arange(len(train))), atol=0.03)
+    half = query_streams(test, parts, train, shift=0.5, drift=0.0, seed=0)
+    assert abs(_mix(test, half[0])[0] - (0.5 + 0.5 / 3)) < 0.03
+    # sampled, not allocated: a stream repeats rows, and its mix is right only in expectation
+    assert len(np.unique(own[0])) < len(own[0])
+    assert abs(len(own[0]) - len(parts[0]) / len(train) * len(test)) <= 1
+
+
+def test_drift_moves_the_query_mix_toward_the_pooled_one_along_the_stream():
+    rng = np.random.default_rng(2)
+    train, test = rng.integers(0, 3, size=30000), rng.integers(0, 3, size=30000)
     parts = [np.flatnonzero(train == 0), np.flatnonzero(train != 0)]
-    out = split_like(test, parts, train, seed=0)
-    assert set(test[out[0]].tolist()) == {0}
-    assert np.sum(test[out[1]] == 0) == 0
+    stream = query_streams(test, parts, train, shift=0.0, drift=1.0, seed=0)[0]
+    first, last = stream[: len(stream) // 5], stream[-len(stream) // 5 :]
+    assert _mix(test, first)[0] > 0.85 and _mix(test, last)[0] < 0.5  # from its own class toward the pooled mix
 
 
 def test_cluster_rule_makes_contiguous_blocks():
@@ -68,12 +87,10 @@ def test_impossible_min_partition_size_is_a_clear_error():
         dirichlet_train_partition(np.zeros(100, dtype=int), 20, 0.5, 0, 50)
 
 
-def test_pooled_test_mix_splits_every_row_once_in_proportion_to_train_sizes():
+def test_query_counts_follow_train_sizes_and_pooled_streams_follow_the_pooled_mix():
     rng = np.random.default_rng(3)
     train, test = rng.integers(0, 4, 4000), np.repeat(np.arange(4), 500)
-    clients = partition_clients(train, test, 5, 0.1, 0, 0.2, 10, test_label_mix="pooled")
-    rows = np.concatenate([c.test for c in clients])
-    assert sorted(rows.tolist()) == list(range(len(test)))
+    clients = partition_clients(train, test, 5, 0.1, 0, 0.2, 10, query_shift=1.0)
     train_sizes = np.array([len(c.fit) + len(c.calibration) for c in clients])
     np.testing.assert_allclose([len(c.test) for c in clients], train_sizes / train_sizes.sum() * len(test), atol=1)
     # the biggest client's queries follow the pooled mix, not its own skewed one

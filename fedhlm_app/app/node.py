@@ -86,12 +86,12 @@ class _Slot:
 
 
 def _pack_head_outputs(outputs: HeadOutputs) -> ArrayRecord:
-    return named_arrays({**outputs.probs, QUERIES_OWN_PRIOR: np.array(outputs.queries_own_prior)})
+    return named_arrays({**outputs.probs, ADAPTED_QUERIES: np.array(outputs.adapted_queries)})
 
 
 def _unpack_head_outputs(record: ArrayRecord) -> HeadOutputs:
     arrays = record_named_arrays(record)
-    return HeadOutputs({s: arrays[s] for s in SPLITS}, bool(arrays[QUERIES_OWN_PRIOR]))
+    return HeadOutputs({s: arrays[s] for s in SPLITS}, float(arrays[ADAPTED_QUERIES]))
 
 
 def _pack_memory(memory: ClientMemory) -> ArrayRecord:
@@ -103,7 +103,7 @@ def _unpack_memory(record: ArrayRecord) -> ClientMemory:
     return ClientMemory(arrays["ids"], arrays["beta"].astype(np.float64), arrays["final"], None)
 
 
-QUERIES_OWN_PRIOR = "queries-own-prior"
+ADAPTED_QUERIES = "adapted-queries"
 NO_FEEDBACK = ClientMemory(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), None)
 
 
@@ -284,12 +284,12 @@ class Node:
         self.state.tiers = tiers
         return Escalation(self._batch(self.data.test.texts, routing, np.flatnonzero(tiers == router.LLM)), len(tiers), tau)
 
-    def score(self, feedback: Feedback) -> dict[str, int]:
+    def score(self, feedback: Feedback) -> dict[str, float]:
         """Score the answers of the last routed policy against the labels."""
         routing = self._routing("test")
         v = feedback.verdict
         counts = router.score(self.state.tiers, routing.drafts, feedback.ids, v.final, v.accepted, self.data.test.y)
-        return {**counts, "queries-own-prior": int(self.state.head_outputs.queries_own_prior)}
+        return {**counts, ADAPTED_QUERIES: self.state.head_outputs.adapted_queries}
 
     @staticmethod
     def _batch(texts: list[str], routing: router.Routing, ids: np.ndarray) -> EscalationBatch:

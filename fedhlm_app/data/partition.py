@@ -1,10 +1,13 @@
-"""Federated partitioning: Dirichlet label skew, matching test split, clusters.
+"""Federated partitioning: Dirichlet label skew, query streams, clusters.
 
 - Train rows go to ``N`` clients with flwr-datasets' ``DirichletPartitioner``
   (label skew controlled by ``alpha``; ``alpha = inf`` gives IID).
-- Test rows are split with the *same* label skew: each class's test rows are
-  divided among clients in proportion to each client's share of that class in
-  the train split, so a client's test label mix equals its train label mix.
+- Each client's queries are a stream like a device's (``query_streams``): every
+  query's label is *sampled* from a mix of the client's own train label mix and
+  the pooled one (``query-shift``: 0 own, 1 pooled), optionally drifting toward the
+  pooled mix along the stream (``query-drift``), and its text is a test row of that
+  label drawn at random (test rows are re-used by sampling). A client's queries
+  thus follow its label mix only in expectation, as a device's would.
 - Each client keeps a seeded calibration fraction of its train rows apart for
   threshold learning; the head is fitted on the rest.
 - In simulation a client's cluster is a contiguous block of partition ids
@@ -29,7 +32,7 @@ class ClientIndices:
 
     fit: np.ndarray
     calibration: np.ndarray
-    test: np.ndarray
+    test: np.ndarray  # the client's query stream, in order (rows may repeat)
 
 
 def dirichlet_train_partition(
@@ -67,31 +70,32 @@ def dirichlet_train_partition(
     )
 
 
-def split_like(
-    test_labels: np.ndarray, train_parts: list[np.ndarray], train_labels: np.ndarray, seed: int
-) -> list[np.ndarray]:
-    """Split test rows so each client's label mix matches its train partition."""
-    num_clients = len(train_parts)
-    classes = np.unique(np.concatenate([train_labels, test_labels]))
-    counts = np.array([[np.sum(train_labels[p] == k) for k in classes] for p in train_parts], dtype=float)
-    rng = np.random.default_rng(seed)
-    out: list[list[int]] = [[] for _ in range(num_clients)]
-    for j, k in enumerate(classes):
-        rows = rng.permutation(np.flatnonzero(test_labels == k))
-        share = counts[:, j] / counts[:, j].sum() if counts[:, j].sum() else np.full(num_clients, 1 / num_clients)
-        cuts = np.round(np.cumsum(share) * len(rows)).astype(int)[:-1]
-        for client, chunk in enumerate(np.split(rows, cuts)):
-            out[client].extend(chunk.tolist())
-    return [np.sort(np.array(o, dtype=np.int64)) for o in out]
+def query_streams(test_labels: np.ndarray, train_parts: list[np.ndarray], train_labels: np.ndarray, shift: float,
+                  drift: float, seed: int) -> list[np.ndarray]:
+    """Each client's queries, in stream order, as rows of the test split.
 
-
-def split_pooled(num_test: int, train_parts: list[np.ndarray], seed: int) -> list[np.ndarray]:
-    """Split the test rows 0..num_test-1 at random, each client's share in proportion to its train
-    partition: every client's queries follow the pooled label mix, whatever its own training labels."""
-    sizes = np.array([len(p) for p in train_parts], dtype=float)
-    rows = np.random.default_rng([seed, 1]).permutation(num_test)
-    cuts = np.round(np.cumsum(sizes / sizes.sum()) * num_test).astype(int)[:-1]
-    return [np.sort(chunk) for chunk in np.split(rows, cuts)]
+    A client gets as many queries as its share of the train rows times the test size. Query t
+    of n has its label drawn from ``(1 - s_t) * own + s_t * pooled`` with
+    ``s_t = shift + (1 - shift) * drift * t / n`` (``own``: the client's train label mix;
+    ``pooled``: every client's), then a test row of that label at random, with replacement.
+    """
+    num_classes = int(max(test_labels.max(), train_labels.max())) + 1
+    counts = np.array([np.bincount(train_labels[p], minlength=num_classes) for p in train_parts], dtype=float)
+    own = counts / counts.sum(axis=1, keepdims=True)
+    pooled = counts.sum(axis=0) / counts.sum()
+    rows_of = [np.flatnonzero(test_labels == k) for k in range(num_classes)]
+    available = np.array([len(r) > 0 for r in rows_of])
+    sizes = np.round(counts.sum(axis=1) / counts.sum() * len(test_labels)).astype(int)
+    rng = np.random.default_rng([seed, 2])
+    streams = []
+    for mix, n in zip(own, sizes):
+        s_t = shift + (1.0 - shift) * drift * np.arange(n) / max(n, 1)
+        mixes = (1.0 - s_t)[:, None] * mix + s_t[:, None] * pooled
+        mixes = np.where(available, mixes, 0.0)  # a class without test rows cannot be asked about
+        mixes /= mixes.sum(axis=1, keepdims=True)
+        labels = np.minimum((rng.random(n)[:, None] > np.cumsum(mixes, axis=1)).sum(axis=1), num_classes - 1)
+        streams.append(np.array([rows_of[k][rng.integers(len(rows_of[k]))] for k in labels], dtype=np.int64))
+    return streams
 
 
 def calibration_split(rows: np.ndarray, fraction: float, seed: int, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,15 +114,12 @@ def partition_clients(
     seed: int,
     calibration_fraction: float,
     min_partition_size: int,
-    test_label_mix: str = "client",
+    query_shift: float = 0.0,
+    query_drift: float = 0.0,
 ) -> list[ClientIndices]:
-    """All clients' row indices, deterministic given the arguments. ``test_label_mix``: "client"
-    gives each client test items in its own label mix, "pooled" in the pooled one."""
+    """All clients' row indices, deterministic given the arguments (``query_streams`` for the test rows)."""
     train_parts = dirichlet_train_partition(train_labels, num_clients, alpha, seed, min_partition_size)
-    if test_label_mix == "pooled":
-        test_parts = split_pooled(len(test_labels), train_parts, seed)
-    else:
-        test_parts = split_like(test_labels, train_parts, train_labels, seed)
+    test_parts = query_streams(test_labels, train_parts, train_labels, query_shift, query_drift, seed)
     clients = []
     for pid, (train_rows, test_rows) in enumerate(zip(train_parts, test_parts)):
         fit, cal = calibration_split(train_rows, calibration_fraction, seed, pid)
@@ -129,7 +130,7 @@ def partition_clients(
 def configured_partitions(train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int, cfg: RunConfig) -> list[ClientIndices]:
     """``partition_clients`` with the run config's skew, seed, calibration share and minimum size."""
     return partition_clients(train_labels, test_labels, num_clients, cfg.dirichlet_alpha, cfg.seed,
-                             cfg.calibration_fraction, cfg.min_partition_size, cfg.test_label_mix)
+                             cfg.calibration_fraction, cfg.min_partition_size, cfg.query_shift, cfg.query_drift)
 
 
 def cluster_of_partition(partition_id: int, num_partitions: int, num_clusters: int) -> int:

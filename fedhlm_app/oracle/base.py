@@ -15,6 +15,8 @@ broken oracle still finishes and reports it.
 Backends (``BACKENDS``, imported only when chosen):
 - ``labels``: the paper's simulated LLM, a ground-truth oracle answering each
   text with its dataset label as a one-hot q;
+- ``noisy-labels``: ``labels`` wrong on a share 1 - ``oracle-accuracy`` of the texts
+  (an imperfect LLM, for sensitivity experiments);
 - ``classifier``: a ``transformers`` sequence classifier (``fedhlm_app.oracle.classifier``);
 - ``causal-lm``: a generative model scoring each label word after a prompt
   (``fedhlm_app.oracle.causal_lm``);
@@ -257,8 +259,32 @@ class LabelsOracle(Oracle):
         return np.eye(self.num_classes)[labels]
 
 
+class NoisyLabelsOracle(LabelsOracle):
+    """An LLM that is right on a share ``accuracy`` of the texts: the others get another class, at
+    random but fixed per text (asked again, it gives the same wrong answer, as an LLM at
+    temperature 0 would). For measuring what an imperfect LLM does to threshold learning."""
+
+    def __init__(self, dataset: Dataset, seed: int, accuracy: float) -> None:
+        super().__init__(dataset, seed)
+        self.accuracy = accuracy
+        self.salt = np.uint64(seed)
+
+    def distribution(self, texts: list[str]) -> np.ndarray:
+        truth = super().distribution(texts).argmax(axis=1)
+        keys = text_keys(texts)  # a per-text stream of randomness: the same text gets the same answer
+        draws = np.array([np.random.default_rng([int.from_bytes(k.tobytes()[:8], "little"), int(self.salt)]).random(2)
+                          for k in keys]).reshape(len(texts), 2)
+        wrong = draws[:, 0] >= self.accuracy
+        other = (truth + 1 + (draws[:, 1] * (self.num_classes - 1)).astype(int)) % self.num_classes
+        return np.eye(self.num_classes)[np.where(wrong, other, truth)]
+
+
 def _labels(cfg: dict[str, Any], dataset: Dataset) -> Oracle:
     return LabelsOracle(dataset, cfg.seed)
+
+
+def _noisy_labels(cfg: Any, dataset: Dataset) -> Oracle:
+    return NoisyLabelsOracle(dataset, cfg.seed, cfg.oracle_accuracy)
 
 
 @dataclass(frozen=True)
@@ -273,6 +299,7 @@ class Backend:
 
 BACKENDS: dict[str, Backend] = {
     "labels": Backend(__name__, "_labels", "ground truth of the dataset (the paper's simulated LLM)"),
+    "noisy-labels": Backend(__name__, "_noisy_labels", "ground truth on a share oracle-accuracy of the texts, a wrong class on the others"),
     "classifier": Backend("fedhlm_app.oracle.classifier", "from_config", "a transformers sequence classifier", "check_config"),
     "causal-lm": Backend("fedhlm_app.oracle.causal_lm", "from_config", "a causal LM scoring each label word after a prompt",
                          "check_config"),

@@ -36,7 +36,7 @@ LEVERS: dict[str, Lever] = {
     "no-label-prior": Lever("the default without the local label prior (every client uses the global head as is)",
                             {"local-label-prior": False}),
     "pooled-queries": Lever("stress test: the default, but each client's test queries follow the pooled label mix",
-                            {"test-label-mix": "pooled"}),
+                            {"query-shift": 1.0}),
     "entropy": Lever("the default with entropy instead of margin", {"uncertainty": "entropy"}),
     "no-ngrams": Lever("MiniLM, linear head (no n-gram bags)", NO_NGRAMS),
     "rounds30": Lever("the default with 30 head rounds", {"head-rounds": 30}),

@@ -302,7 +302,7 @@ def _client_rows(o: RunOutcome) -> list[dict[str, Any]]:
             "slm_accuracy": row["slm-correct"] / n,
             "llm_rate": row["escalated"] / n,
             "local_rate": 1 - row["escalated"] / n,
-            "own_label_prior": bool(row["queries-own-prior"]),  # its queries were re-weighted to its label mix
+            "adapted_queries": float(row["adapted-queries"]),  # share answered under its estimated label mix
         })
     return rows
 
@@ -313,6 +313,7 @@ def results_of(o: RunOutcome, policies: dict[str, dict[str, float]]) -> dict[str
     ours = policies["fedhlm"]
     ours_p2p = p2p_summary(evaluation["fedhlm"])
     llm_bytes = {name: ledger.total(f"inference:{name}", "client->llm") for name in policies}
+    llm_use = _llm_use(o, policies, llm_bytes)
     clients = _client_rows(o)
     clusters = {}
     for cluster in sorted({c["cluster"] for c in clients}):
@@ -323,7 +324,9 @@ def results_of(o: RunOutcome, policies: dict[str, dict[str, float]]) -> dict[str
         "run_name": cfg.run_name,
         "accuracy": ours["accuracy"],
         "llm_rate": ours["llm_rate"],
-        "llm_reduction": 1.0 - ours["llm_rate"] / (policies["cloud_only"]["llm_rate"] or 1.0),
+        "llm_reduction": 1.0 - ours["llm_rate"] / (policies["cloud_only"]["llm_rate"] or 1.0),  # inference only
+        "llm_reduction_total": llm_use["reduction_total"],  # training and inference, against cloud-only
+        "llm_use": llm_use,
         "local_rate": ours["local_rate"],
         "p2p_rate": ours["p2p_rate"],
         "tiers": ours_p2p["tiers"],
@@ -344,7 +347,7 @@ def results_of(o: RunOutcome, policies: dict[str, dict[str, float]]) -> dict[str
         "encoder_rounds": o.progress.encoder.history,
         "training": {"llm_items": o.progress.training_escalations, "calibration_items": sum(i.n_calibration for i in info.values())},
         "clients": clients,
-        "clients_with_own_label_prior": sum(c["own_label_prior"] for c in clients),
+        "adapted_queries": float(np.mean([c["adapted_queries"] for c in clients])) if clients else 0.0,
         "clusters": clusters,
         "communication": {
             "by_phase_and_link": ledger.to_dict(),
@@ -362,6 +365,22 @@ def results_of(o: RunOutcome, policies: dict[str, dict[str, float]]) -> dict[str
         "timings_s": o.timings,
         "started_epoch": o.started_epoch,  # when the ServerApp started (Unix time), for bench/main_job.py
         "config": {k: _config_value(k, v) for k, v in cfg.as_dict().items()},
+    }
+
+
+def _llm_use(o: RunOutcome, policies: dict[str, dict[str, float]], llm_bytes: dict[str, int]) -> dict[str, Any]:
+    """Every item and byte sent to the LLM, training (threshold learning) included, against cloud-only,
+    which needs no training: the reduction users pay for, beside the inference-only one."""
+    train_items, train_bytes = o.progress.training_escalations, o.ledger.total("threshold", "client->llm")
+    items, nbytes = policies["fedhlm"]["llm_items"], llm_bytes["fedhlm"]
+    cloud_items, cloud_bytes = policies["cloud_only"]["llm_items"], llm_bytes["cloud_only"]
+    return {
+        "training_items": train_items, "inference_items": items, "total_items": train_items + items,
+        "training_bytes": train_bytes, "inference_bytes": nbytes, "total_bytes": train_bytes + nbytes,
+        "cloud_only_items": cloud_items, "cloud_only_bytes": cloud_bytes,
+        "reduction_total": 1.0 - (train_items + items) / (cloud_items or 1),
+        "reduction_total_bytes": 1.0 - (train_bytes + nbytes) / (cloud_bytes or 1),
+        "reduction_inference_only": 1.0 - items / (cloud_items or 1),
     }
 
 
@@ -391,8 +410,9 @@ def summary_lines(o: RunOutcome, results: dict[str, Any], table: list[str]) -> l
         "",
         *table,
         "",
-        f"- LLM transmissions cut by {results['llm_reduction']:.1%} against cloud-only; "
-        f"final global threshold {results['final_threshold']:.4f}.",
+        f"- LLM transmissions cut by {results['llm_reduction_total']:.1%} against cloud-only, counting the "
+        f"{results['llm_use']['training_items']} items asked while learning thresholds "
+        f"({results['llm_reduction']:.1%} at inference alone); final global threshold {results['final_threshold']:.4f}.",
         *([f"- P2P: {p2p['hits']} of {p2p['attempts']} uncertain items answered by peers "
            f"(false reuse {p2p['false_reuse_rate']:.1%}, 95% CI {p2p['false_reuse_ci95'][0]:.1%}-{p2p['false_reuse_ci95'][1]:.1%}); "
            f"prototype traffic {_fmt_bytes(communication['p2p_bytes'])}."] if p2p["enabled"] else []),
@@ -435,5 +455,6 @@ def write_report(outcome: RunOutcome) -> Path:
     _log("FedHLM results (%d test items, written to %s):", results["num_test_items"], out)
     for row in table:
         _log("%s", row)
-    _log("LLM reduction %.2f%%, wall time %.1f s", 100 * results["llm_reduction"], o.timings["total"])
+    _log("LLM reduction %.2f%% counting training (%.2f%% at inference alone), wall time %.1f s", 100 * results["llm_reduction_total"],
+         100 * results["llm_reduction"], o.timings["total"])
     return out

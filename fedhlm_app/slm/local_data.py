@@ -116,13 +116,13 @@ def _dataset(key: tuple) -> Dataset:
 
 def _partitions(cfg: RunConfig, num_partitions: int):
     return _cut(_data_key(cfg), num_partitions, cfg.dirichlet_alpha, cfg.calibration_fraction, cfg.min_partition_size,
-                cfg.test_label_mix)
+                cfg.query_shift, cfg.query_drift)
 
 
 @lru_cache(maxsize=2)
-def _cut(key: tuple, num_partitions: int, alpha: float, calibration: float, min_size: int, test_mix: str):
+def _cut(key: tuple, num_partitions: int, alpha: float, calibration: float, min_size: int, shift: float, drift: float):
     ds, seed = _dataset(key), key[-1]
-    return partition_clients(ds.train.labels, ds.test.labels, num_partitions, alpha, seed, calibration, min_size, test_mix)
+    return partition_clients(ds.train.labels, ds.test.labels, num_partitions, alpha, seed, calibration, min_size, shift, drift)
 
 
 @lru_cache(maxsize=1024)  # a Ray actor serves many nodes: keep all of them (bench/rounds.py: 200)

@@ -30,6 +30,7 @@ from fedhlm_app.tools.launch import ROOT, resolved_config
 ALPHAS = [0.05, 0.1, 0.3, 0.5, 1.0, 10.0, float("inf")]
 LAMBDAS = [0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.375, 0.45, 0.55]
 STATIC_TAUS = np.round(np.linspace(0.0, 1.0, 101), 2)
+SHIFTS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def variants(quick: bool) -> dict[str, dict[str, Any]]:
@@ -46,7 +47,73 @@ def variants(quick: bool) -> dict[str, dict[str, Any]]:
     for lam in LAMBDAS[:: 3 if quick else 1]:
         if lam != 0.375:
             runs[f"lambda={lam}"] = {"lambda": lam}
+    return {**runs, **shift_variants(quick)}
+
+
+def shift_variants(quick: bool) -> dict[str, dict[str, Any]]:
+    """The query-shift sweep: each shift with the causal label prior (shift 0 is the main run) and without any prior."""
+    runs: dict[str, dict[str, Any]] = {}
+    for shift in SHIFTS[:: 4 if quick else 1]:
+        if shift:
+            runs[f"shift={shift}"] = {"query-shift": shift}
+        runs[f"shift={shift}-no-prior"] = {"query-shift": shift, "local-label-prior": False}
     return runs
+
+
+def prior_only_accuracy(cfg: RunConfig) -> float:
+    """Accuracy of answering every query with the client's most frequent training class (no model at all)."""
+    from fedhlm_app.data.partition import configured_partitions
+    from fedhlm_app.slm.local_data import dataset
+
+    ds = dataset(cfg)
+    correct = total = 0
+    for part in configured_partitions(ds.train.labels, ds.test.labels, cfg.num_clients, cfg):
+        majority = np.bincount(ds.train.labels[np.r_[part.fit, part.calibration]], minlength=ds.num_classes).argmax()
+        correct += int(np.sum(ds.test.labels[part.test] == majority))
+        total += len(part.test)
+    return correct / max(total, 1)
+
+
+def query_shift_rows(base: RunConfig, seed: int, runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per shift of the sweep: accuracy and LLM rate with the causal prior and without a prior, and the prior-only baseline."""
+    rows = {}
+    for shift in sorted({float(k.split("=")[1].removesuffix("-no-prior")) for k in runs if k.startswith("shift=")}):
+        with_prior = runs["hierarchical"] if shift == 0 else runs[f"shift={shift}"]
+        without = runs[f"shift={shift}-no-prior"]
+        rows[str(shift)] = {
+            "prior_accuracy": with_prior["accuracy"], "prior_llm_rate": with_prior["llm_rate"],
+            "no_prior_accuracy": without["accuracy"], "no_prior_llm_rate": without["llm_rate"],
+            "prior_only_accuracy": prior_only_accuracy(base.replace(seed=seed, query_shift=shift)),
+            "adapted_queries": with_prior["adapted_queries"],
+        }
+    return rows
+
+
+def query_shift_section(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """The sweep's table (mean ± std over seeds) with how to read it."""
+    lines = [
+        "## Query shift: the local label prior when queries leave the client's own mix", "",
+        "Each client's query labels are drawn from (1 - shift) x its train label mix + shift x the pooled mix "
+        "(`query-shift`; 0: a device asked about what it was trained on, 1: every device asked like the pooled data). "
+        "The causal prior re-weights each query to the mix EM estimates from the queries before it (no look-ahead); "
+        "prior-only answers every query with the client's most frequent training class, with no model: what the label "
+        "mix alone is worth.", "",
+        "| shift | accuracy, causal prior | LLM rate, causal prior | accuracy, no prior | LLM rate, no prior | "
+        "causal - no prior (points) | prior-only accuracy | queries under an estimated mix |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for shift, row in table.items():
+        gap = row["gap"]
+        lines.append(f"| {shift} | {_fmt(row['prior_accuracy'])} | {_fmt(row['prior_llm_rate'])} | {_fmt(row['no_prior_accuracy'])} | "
+                     f"{_fmt(row['no_prior_llm_rate'])} | {gap['mean'] * 100:+.2f} ± {gap['std'] * 100:.2f} | "
+                     f"{_fmt(row['prior_only_accuracy'])} | {_fmt(row['adapted_queries'])} |")
+    return lines + [""]
+
+
+def combine_query_shift(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    return {shift: {**{m: _stats([s[shift][m] for s in per_seed]) for m in per_seed[0][shift]},
+                    "gap": _stats([s[shift]["prior_accuracy"] - s[shift]["no_prior_accuracy"] for s in per_seed])}
+            for shift in per_seed[0]}
 
 
 def _run(base: RunConfig, name: str, overrides: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
@@ -340,6 +407,7 @@ def write_report(per_seed: list[dict[str, Any]], combined: dict[str, Any], out: 
               "threshold learning always uses the LLM's verdicts (P2P is applied after the threshold, at inference), so both "
               f"variants share the same threshold ({_fmt(with_p2p['final_tau'], False)}).", ""]
     lines += frontier_section(combined["frontier"])
+    lines += query_shift_section(combined["query_shift"])
     lines += ["## Reproduce", "", f"All runs: `{cmd}`. Each federated run is the app with these run-config overrides "
               "(`make run ARGS=\"...\"` runs the same configuration as a `flwr run` simulation; add `seed=N`):", ""]
     for name, overrides in {**runs_cfg, **{f"lever-{k}": frontier.LEVERS[k].overrides for k in combined["frontier"] if k != "default"}}.items():
@@ -384,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levers", nargs="+", metavar="LEVER", help="frontier levers to run: names of "
                         f"fedhlm_app.reporting.frontier.LEVERS or 'all' (default: {' '.join(frontier.MINILM_LEVERS)})")
     parser.add_argument("-c", "--run-config", action="append", default=[], help="overrides for every run, e.g. \"max-test-items=500\"")
+    parser.add_argument("--only", choices=["query-shift", "oracle-sensitivity"],
+                        help="run one study alone: the query-shift sweep (query_shift.md) or the oracle sensitivity (oracle_sensitivity.md)")
+    parser.add_argument("--classifier", default="", help="oracle-sensitivity: also a classifier checkpoint as the LLM")
     args = parser.parse_args(argv)
     from flwr.common.logger import FLOWER_LOGGER
 
@@ -391,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = resolved_config([str(ROOT / "conf" / "paper.toml")], args.run_config)
+    if args.only:
+        return study_only(base, args, out)
     levers = chosen_levers(args)
     started = time.monotonic()
     runs_cfg = variants(args.quick)
@@ -407,16 +480,94 @@ def main(argv: list[str] | None = None) -> int:
         bytes_per_item = runs["hierarchical"]["communication"]["inference_llm_bytes"]["cloud_only"] / max(cloud["llm_items"], 1)
         seed_result = analyse_seed(runs, items, bytes_per_item)
         seed_result["frontier"] = {name: measure_lever(base, name, seed, out, runs, items) for name in levers}
+        seed_result["query_shift"] = query_shift_rows(base, seed, runs)
         seed_result.update({"seed": seed, "runs": list(runs), "bytes_per_item": bytes_per_item, "num_items": len(items["u"]),
                             "uncertainty": main_cfg.uncertainty})
         per_seed.append(seed_result)
     combined = combine(per_seed)
+    combined["query_shift"] = combine_query_shift([s["query_shift"] for s in per_seed])
     wall = time.monotonic() - started
     (out / "experiments.json").write_text(json.dumps({"per_seed": per_seed, "combined": combined, "wall_time_s": wall,
                                                        "runs": {k: {kk: str(vv) for kk, vv in v.items()} for k, v in runs_cfg.items()}}, indent=1) + "\n")
     plot(per_seed, out)
     write_report(per_seed, combined, out, args, wall, runs_cfg)
     print(f"report: {out / 'report.md'} ({wall / 60:.1f} min)")
+    return 0
+
+
+SENSITIVITY_ACCURACIES = [0.95, 0.9, 0.8]
+
+
+def oracle_variants(classifier: str) -> dict[str, dict[str, Any]]:
+    """The main configuration with LLMs of decreasing quality."""
+    runs: dict[str, dict[str, Any]] = {"hierarchical": {}}
+    for accuracy in SENSITIVITY_ACCURACIES:
+        runs[f"noisy-{accuracy}"] = {"oracle": "noisy-labels", "oracle-accuracy": accuracy}
+    if classifier:
+        runs["classifier"] = {"oracle": "classifier", "oracle-model": classifier}
+    return runs
+
+
+def oracle_rows(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per LLM: its own accuracy (cloud-only), the learned threshold, LLM use and the hybrid's accuracy."""
+    names = {"hierarchical": "labels (ground truth)", **{f"noisy-{a}": f"noisy labels, {a:.0%} right" for a in SENSITIVITY_ACCURACIES},
+             "classifier": "classifier (MiniLM fine-tuned)"}
+    return {names[name]: {
+        "llm_accuracy": r["baselines"]["cloud_only"]["accuracy"], "slm_accuracy": r["baselines"]["slm_only"]["accuracy"],
+        "final_tau": r["final_threshold"], "llm_rate": r["llm_rate"], "training_llm_items": r["llm_use"]["training_items"],
+        "reduction_total": r["llm_reduction_total"], "accuracy": r["accuracy"],
+    } for name, r in runs.items()}
+
+
+def oracle_section(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    lines = ["## Oracle sensitivity: threshold learning when the LLM is wrong", "",
+             "The main configuration with LLMs of decreasing quality. The LLM's verdicts are the training signal "
+             "(an item's rejection probability beta), so a wrong LLM both teaches the threshold and answers the "
+             "escalated items.", "",
+             "| LLM | LLM accuracy (cloud only) | SLM only | learned threshold | LLM rate | training LLM items | "
+             "LLM reduction, training included | hybrid accuracy |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in table.items():
+        lines.append(f"| {name} | {_fmt(row['llm_accuracy'])} | {_fmt(row['slm_accuracy'])} | {_fmt(row['final_tau'], False)} | "
+                     f"{_fmt(row['llm_rate'])} | {row['training_llm_items']['mean']:.0f} | {_fmt(row['reduction_total'])} | "
+                     f"{_fmt(row['accuracy'])} |")
+    return lines + [""]
+
+
+STUDIES = {
+    "query-shift": ("query_shift", "FedHLM query-shift sweep", lambda args: {"hierarchical": {}, **shift_variants(args.quick)},
+                    lambda base, seed, runs: query_shift_rows(base, seed, runs), combine_query_shift, query_shift_section),
+    "oracle-sensitivity": ("oracle_sensitivity", "FedHLM oracle sensitivity", lambda args: oracle_variants(args.classifier),
+                           lambda base, seed, runs: oracle_rows(runs), lambda per_seed: _table_stats(per_seed), oracle_section),
+}
+
+
+def _table_stats(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    return {name: {m: _stats([s[name][m] for s in per_seed]) for m in per_seed[0][name]} for name in per_seed[0]}
+
+
+def study_only(base: RunConfig, args: argparse.Namespace, out: Path) -> int:
+    """One study alone (``--only``): ``<study>.md`` and ``<study>.json`` in ``out``."""
+    stem, title, runs_of, rows_of, combine_rows, section = STUDIES[args.only]
+    started = time.monotonic()
+    runs_cfg = runs_of(args)
+    per_seed = []
+    for seed in args.seeds:
+        runs = {}
+        for name, overrides in runs_cfg.items():
+            runs[name] = _run(base, name, overrides, seed, out)
+            print(f"seed {seed} {name}: accuracy {runs[name]['accuracy']:.4f}, LLM rate {runs[name]['llm_rate']:.4f} "
+                  f"({runs[name]['harness_wall_s']:.0f} s)", flush=True)
+        per_seed.append(rows_of(base, seed, runs))
+    table = combine_rows(per_seed)
+    wall = time.monotonic() - started
+    seeds = " ".join(str(s) for s in args.seeds)
+    extra = f" --classifier {args.classifier}" if args.classifier else ""
+    lines = [f"# {title}", "", f"Seeds {seeds}; mean ± standard deviation over the seeds, in percent unless marked; "
+             f"{len(runs_cfg)} federated runs per seed, {wall / 60:.1f} min. Reproduce with "
+             f"`python -m fedhlm_app.tools.experiments --only {args.only} --seeds {seeds}{extra}`.", "", *section(table)]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"per_seed": per_seed, "combined": table, "wall_time_s": wall}, indent=1) + "\n")
+    print("\n".join(lines))
     return 0
 
 

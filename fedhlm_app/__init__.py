@@ -1,6 +1,6 @@
 """FedHLM: federated hybrid language-model inference (arXiv 2507.00082) on Flower.
 
-The packages, one concern each (the README's Layout section lists every module):
+The packages, one concern each (docs/guide.md's Layout section lists every module):
 
 - ``slm``, ``routing``, ``fl``, ``data``, ``reporting``: the numerical core (numpy; torch only in
   ``slm.features`` and ``slm.finetune``), unit-tested directly;

@@ -98,3 +98,17 @@ def test_query_counts_follow_train_sizes_and_pooled_streams_follow_the_pooled_mi
     own_mix = np.bincount(train[np.concatenate([big.fit, big.calibration])], minlength=4) / train_sizes.max()
     query_mix = np.bincount(test[big.test], minlength=4) / len(big.test)
     assert np.abs(query_mix - 0.25).max() < 0.1 < np.abs(own_mix - 0.25).max()
+
+
+def test_validation_rows_are_held_out_of_train_and_replace_the_test_split():
+    from fedhlm_app.data.datasets import Dataset, Split
+
+    rng = np.random.default_rng(4)
+    train = Split([f"train {i}" for i in range(1000)], rng.integers(0, 4, 1000))
+    test = Split([f"test {i}" for i in range(300)], rng.integers(0, 4, 300))
+    data = Dataset(train, test, ["a", "b", "c", "d"], "x")
+    held = data.validation(0.1, seed=7)
+    assert len(held.test) == 100 and len(held.train) == 900
+    assert set(held.test.texts) | set(held.train.texts) == set(train.texts)  # all from train, none lost
+    assert not set(held.test.texts) & set(held.train.texts) and not set(held.test.texts) & set(test.texts)
+    assert held.test.texts == data.validation(0.1, seed=7).test.texts  # seeded

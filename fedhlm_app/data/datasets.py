@@ -85,6 +85,14 @@ class Dataset:
         """Seeded subsets of at most ``max_train``/``max_test`` rows (0 keeps a split whole)."""
         return Dataset(truncate(self.train, max_train, seed), truncate(self.test, max_test, seed), self.class_names, self.source)
 
+    def validation(self, fraction: float, seed: int) -> Dataset:
+        """The train split without a seeded share ``fraction`` of its rows, which become the test split:
+        defaults are tuned on these, and the real test rows stay untouched until the report."""
+        rows = np.random.default_rng([seed, 3]).permutation(len(self.train))
+        held = np.sort(rows[: int(round(fraction * len(rows)))])
+        kept = np.sort(rows[len(held):])
+        return Dataset(self.train.subset(kept), self.train.subset(held), self.class_names, f"{self.source} (validation rows of train)")
+
 
 def resolve_data_dir(configured: str) -> Path:
     """The local data folder (``fedhlm_app.paths.data_dir``), checked to exist."""

@@ -81,8 +81,9 @@ def query_streams(test_labels: np.ndarray, train_parts: list[np.ndarray], train_
     """
     num_classes = int(max(test_labels.max(), train_labels.max())) + 1
     counts = np.array([np.bincount(train_labels[p], minlength=num_classes) for p in train_parts], dtype=float)
-    own = counts / counts.sum(axis=1, keepdims=True)
     pooled = counts.sum(axis=0) / counts.sum()
+    sums = counts.sum(axis=1, keepdims=True)
+    own = np.divide(counts, sums, out=np.tile(pooled, (len(counts), 1)), where=sums > 0)  # (a client without rows gets no queries)
     rows_of = [np.flatnonzero(test_labels == k) for k in range(num_classes)]
     available = np.array([len(r) > 0 for r in rows_of])
     sizes = np.round(counts.sum(axis=1) / counts.sum() * len(test_labels)).astype(int)

@@ -98,11 +98,12 @@ class LocalData:
 def _data_key(cfg: RunConfig) -> tuple:
     """The keys that decide the dataset: what is read, and how it is cut down."""
     return (cfg.data_source, cfg.hub_dataset, cfg.data_dir, cfg.train_file, cfg.test_file, cfg.max_train_items,
-            cfg.max_test_items, cfg.seed)
+            cfg.max_test_items, cfg.query_pool, cfg.validation_fraction, cfg.seed)
 
 
 def dataset(cfg: RunConfig) -> Dataset:
-    """The configured dataset, truncated as configured (the ServerApp's labels oracle reads it too).
+    """The configured dataset, truncated as configured, with validation rows of train as its test split when
+    ``query-pool = "validation"`` (the ServerApp's labels oracle reads it too).
     Cached by the keys that decide it, so runs that differ only in other keys (the harness's runs, a
     ServerApp and its in-process clients) read and cut the files once."""
     return _dataset(_data_key(cfg))
@@ -110,8 +111,9 @@ def dataset(cfg: RunConfig) -> Dataset:
 
 @lru_cache(maxsize=2)
 def _dataset(key: tuple) -> Dataset:
-    source, hub, data_dir, train_file, test_file, max_train, max_test, seed = key
-    return load_dataset(source, hub, data_dir, train_file, test_file).truncated(max_train, max_test, seed)
+    source, hub, data_dir, train_file, test_file, max_train, max_test, pool, fraction, seed = key
+    data = load_dataset(source, hub, data_dir, train_file, test_file).truncated(max_train, max_test, seed)
+    return data.validation(fraction, seed) if pool == "validation" else data
 
 
 def _partitions(cfg: RunConfig, num_partitions: int):

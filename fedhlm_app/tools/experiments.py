@@ -17,6 +17,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -452,8 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levers", nargs="+", metavar="LEVER", help="frontier levers to run: names of "
                         f"fedhlm_app.reporting.frontier.LEVERS or 'all' (default: {' '.join(frontier.MINILM_LEVERS)})")
     parser.add_argument("-c", "--run-config", action="append", default=[], help="overrides for every run, e.g. \"max-test-items=500\"")
-    parser.add_argument("--only", choices=["query-shift", "oracle-sensitivity"],
-                        help="run one study alone: the query-shift sweep (query_shift.md) or the oracle sensitivity (oracle_sensitivity.md)")
+    parser.add_argument("--only", choices=["query-shift", "oracle-sensitivity", "validation"],
+                        help="run one study alone: the query-shift sweep (query_shift.md), the oracle sensitivity "
+                             "(oracle_sensitivity.md) or the defaults on validation rows (validation.md)")
     parser.add_argument("--classifier", default="", help="oracle-sensitivity: also a classifier checkpoint as the LLM")
     args = parser.parse_args(argv)
     from flwr.common.logger import FLOWER_LOGGER
@@ -533,11 +536,73 @@ def oracle_section(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     return lines + [""]
 
 
+LLM_BUDGET = 0.05  # the paper's yardstick: more than 95% fewer transmissions than cloud-only
+TUNED = {"lambda": [0.2, 0.3, 0.375, 0.45, 0.55], "uncertainty": ["margin", "entropy"], "kappa": [20.0, 40.0, 80.0],
+         "tau-init": [0.8, 0.9, 1.0], "p2p-delta": [0.2, 0.25, 0.3]}
+
+
+def validation_variants(base: RunConfig) -> dict[str, dict[str, Any]]:
+    """One knob at a time around the defaults, every run answering validation rows of train (the test rows stay unread)."""
+    runs: dict[str, dict[str, Any]] = {"defaults": {"query-pool": "validation"}}
+    for key, values in TUNED.items():
+        for value in values:
+            if value != base.as_dict()[key]:
+                runs[f"{key}={value}"] = {"query-pool": "validation", key: value}
+    return runs
+
+
+def validation_rows(base: RunConfig, runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    defaults = base.as_dict()
+    rows = {}
+    for key, values in TUNED.items():
+        for value in values:
+            r = runs["defaults"] if value == defaults[key] else runs[f"{key}={value}"]
+            rows[f"{key}={value}"] = {"accuracy": r["accuracy"], "llm_rate": r["llm_rate"], "reduction_total": r["llm_reduction_total"]}
+    return rows
+
+
+def validation_section(base: RunConfig, table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Per knob: validation accuracy and LLM rate of each value, the value the rule picks and the default."""
+    defaults = base.as_dict()
+    lines = ["## Defaults chosen on validation rows", "",
+             f"Every run answers queries drawn from {defaults['validation-fraction']:.0%} of the train rows, held out from every "
+             "client (`query-pool = \"validation\"`); the test rows are not read. One knob at a time moves from the defaults. "
+             f"The rule: the highest validation accuracy among the values whose LLM rate stays within {LLM_BUDGET:.0%} (the "
+             "paper's more than 95% fewer transmissions); ties go to fewer LLM calls at inference, then in all.", "",
+             "| knob | value | validation accuracy | LLM rate | LLM reduction, training included | chosen | default |",
+             "|---|---|---|---|---|---|---|"]
+    for key, values in TUNED.items():
+        names = [f"{key}={v}" for v in values]
+        within = [n for n in names if table[n]["llm_rate"]["mean"] <= LLM_BUDGET] or names
+        chosen = max(within, key=lambda n: (round(table[n]["accuracy"]["mean"], 4), -round(table[n]["llm_rate"]["mean"], 4),
+                                            table[n]["reduction_total"]["mean"]))
+        for value, name in zip(values, names):
+            row = table[name]
+            lines.append(f"| {key} | {value} | {_fmt(row['accuracy'])} | {_fmt(row['llm_rate'])} | {_fmt(row['reduction_total'])} | "
+                         f"{'yes' if name == chosen else ''} | {'yes' if value == defaults[key] else ''} |")
+    return lines + [""]
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study that ``--only`` runs alone: its runs, its per-seed rows, their combination and its report section."""
+
+    stem: str
+    title: str
+    variants: Callable[[RunConfig, argparse.Namespace], dict[str, dict[str, Any]]]
+    rows: Callable[[RunConfig, int, dict[str, dict[str, Any]]], dict[str, dict[str, float]]]
+    combine: Callable[[list[dict[str, dict[str, float]]]], dict[str, dict[str, dict[str, float]]]]
+    section: Callable[[RunConfig, dict[str, dict[str, dict[str, float]]]], list[str]]
+
+
 STUDIES = {
-    "query-shift": ("query_shift", "FedHLM query-shift sweep", lambda args: {"hierarchical": {}, **shift_variants(args.quick)},
-                    lambda base, seed, runs: query_shift_rows(base, seed, runs), combine_query_shift, query_shift_section),
-    "oracle-sensitivity": ("oracle_sensitivity", "FedHLM oracle sensitivity", lambda args: oracle_variants(args.classifier),
-                           lambda base, seed, runs: oracle_rows(runs), lambda per_seed: _table_stats(per_seed), oracle_section),
+    "query-shift": Study("query_shift", "FedHLM query-shift sweep", lambda base, args: {"hierarchical": {}, **shift_variants(args.quick)},
+                         query_shift_rows, combine_query_shift, lambda base, table: query_shift_section(table)),
+    "oracle-sensitivity": Study("oracle_sensitivity", "FedHLM oracle sensitivity", lambda base, args: oracle_variants(args.classifier),
+                                lambda base, seed, runs: oracle_rows(runs), lambda per_seed: _table_stats(per_seed),
+                                lambda base, table: oracle_section(table)),
+    "validation": Study("validation", "FedHLM defaults on validation rows", lambda base, args: validation_variants(base),
+                        lambda base, seed, runs: validation_rows(base, runs), lambda per_seed: _table_stats(per_seed), validation_section),
 }
 
 
@@ -547,9 +612,9 @@ def _table_stats(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[
 
 def study_only(base: RunConfig, args: argparse.Namespace, out: Path) -> int:
     """One study alone (``--only``): ``<study>.md`` and ``<study>.json`` in ``out``."""
-    stem, title, runs_of, rows_of, combine_rows, section = STUDIES[args.only]
+    study = STUDIES[args.only]
     started = time.monotonic()
-    runs_cfg = runs_of(args)
+    runs_cfg = study.variants(base, args)
     per_seed = []
     for seed in args.seeds:
         runs = {}
@@ -557,16 +622,16 @@ def study_only(base: RunConfig, args: argparse.Namespace, out: Path) -> int:
             runs[name] = _run(base, name, overrides, seed, out)
             print(f"seed {seed} {name}: accuracy {runs[name]['accuracy']:.4f}, LLM rate {runs[name]['llm_rate']:.4f} "
                   f"({runs[name]['harness_wall_s']:.0f} s)", flush=True)
-        per_seed.append(rows_of(base, seed, runs))
-    table = combine_rows(per_seed)
+        per_seed.append(study.rows(base, seed, runs))
+    table = study.combine(per_seed)
     wall = time.monotonic() - started
     seeds = " ".join(str(s) for s in args.seeds)
     extra = f" --classifier {args.classifier}" if args.classifier else ""
-    lines = [f"# {title}", "", f"Seeds {seeds}; mean ± standard deviation over the seeds, in percent unless marked; "
+    lines = [f"# {study.title}", "", f"Seeds {seeds}; mean ± standard deviation over the seeds, in percent unless marked; "
              f"{len(runs_cfg)} federated runs per seed, {wall / 60:.1f} min. Reproduce with "
-             f"`python -m fedhlm_app.tools.experiments --only {args.only} --seeds {seeds}{extra}`.", "", *section(table)]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({"per_seed": per_seed, "combined": table, "wall_time_s": wall}, indent=1) + "\n")
+             f"`python -m fedhlm_app.tools.experiments --only {args.only} --seeds {seeds}{extra}`.", "", *study.section(base, table)]
+    (out / f"{study.stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{study.stem}.json").write_text(json.dumps({"per_seed": per_seed, "combined": table, "wall_time_s": wall}, indent=1) + "\n")
     print("\n".join(lines))
     return 0
 

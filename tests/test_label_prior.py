@@ -46,23 +46,23 @@ def _stream(truth, n=300, seed=2):
     rng = np.random.default_rng(seed)
     means = 1.5 * rng.normal(size=(4, 3))
     pooled, own = np.full(4, 0.25), np.array([0.7, 0.2, 0.05, 0.05])
-    mix = {"own": own, "pooled": pooled, "other": own[::-1]}[truth]
+    mix = {"own": own, "pooled": pooled, "half": (own + pooled) / 2, "other": own[::-1]}[truth]
     labels = rng.choice(4, size=n, p=mix)
     x = means[labels] + rng.normal(size=(n, 3))
     return _posterior(x, means, pooled), labels, own, pooled, mix
 
 
-@pytest.mark.parametrize("truth", ["own", "pooled", "other"])
-def test_each_query_gets_the_prior_of_the_queries_before_it(truth):
+@pytest.mark.parametrize("truth", ["own", "pooled", "half"])
+def test_each_query_gets_the_mix_of_the_queries_before_it(truth):
     probs, _, own, pooled, mix = _stream(truth)
     used = causal_priors(probs, own, pooled)
     np.testing.assert_array_equal(used[0], pooled)  # nothing seen yet
-    assert np.abs(used[-50:] - mix).max() < 0.15  # the estimate has found the stream's mix (300 noisy queries)
+    assert np.abs(used[-50:] - mix).max() < 0.1  # the estimate has found the stream's mix
     # causal: a query's prior does not depend on the queries after it
     np.testing.assert_array_equal(causal_priors(probs[:120], own, pooled), used[:120])
 
 
-@pytest.mark.parametrize("truth", ["own", "pooled", "other"])
+@pytest.mark.parametrize("truth", ["own", "pooled", "half", "other"])
 def test_the_causal_prior_is_never_much_worse_than_none(truth):
     accuracy = []
     for seed in range(5):
@@ -70,6 +70,6 @@ def test_the_causal_prior_is_never_much_worse_than_none(truth):
         adapted = probs * causal_priors(probs, own, pooled) / pooled
         accuracy.append(((adapted.argmax(axis=1) == labels).mean(), (probs.argmax(axis=1) == labels).mean()))
     with_prior, without = np.mean(accuracy, axis=0)
-    assert with_prior >= without - 0.003
-    if truth != "pooled":
-        assert with_prior > without + 0.02  # and it pays when the stream has a mix of its own
+    assert with_prior >= without - 0.003  # a mix outside the own-to-pooled segment ("other") is left alone
+    if truth == "own":
+        assert with_prior > without + 0.02  # and it pays when the stream has the client's own mix

@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 
 from fedhlm_app.reporting import evaluation as ev
-from fedhlm_app.slm.uncertainty import MEASURES, margin, normalized_entropy, with_temperature
+from fedhlm_app.slm.uncertainty import MEASURES, fit_temperature, margin, normalized_entropy, with_temperature
 
 RATES = (0.01, 0.02, 0.05, 0.10)
-TEMPERATURES = np.round(np.exp(np.linspace(np.log(0.25), np.log(4.0), 33)), 4)  # grid for temperature scaling
 
 
 @dataclass(frozen=True)
@@ -52,17 +51,6 @@ LEVERS: dict[str, Lever] = {
 MINILM_LEVERS = tuple(name for name, lever in LEVERS.items()
                       if "slm-model" not in lever.overrides and "encoder-rounds" not in lever.overrides)
 QUICK_LEVERS = ("default", "no-ngrams")
-
-
-def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising the log loss of ``probs`` on ``labels`` over a grid.
-
-    The loss is a sum over items, so clients can report their sums per grid point and the
-    server add them up: the federated fit gives the same temperature as this pooled one.
-    """
-    rows = np.arange(len(labels))
-    nll = [-np.sum(np.log(np.maximum(with_temperature(probs, t)[rows, labels], 1e-12))) for t in TEMPERATURES]
-    return float(TEMPERATURES[int(np.argmin(nll))])
 
 
 def measures_of(probs: np.ndarray, temperature: float) -> dict[str, np.ndarray]:

@@ -11,9 +11,9 @@ stays on the device; pi_g is the sum of every client's counts, which the server 
 The correction helps only if the client's queries do follow its training mix; if they
 follow the pooled mix instead it does great harm (AG News, Dirichlet 0.5: 61% instead
 of 88% accuracy). A device sees its queries as a stream, so the prior each query is
-answered under is estimated from the queries before it only (``causal_priors``): EM on
-their unlabelled head outputs (Saerens et al.), starting from the client's train mix,
-and used only while it explains those queries clearly better than the pooled prior does.
+answered under is estimated from the queries before it only (``causal_priors``): the
+maximum-likelihood mix between its own and the pooled one, used only once the queries
+seen clearly favour it over the pooled mix.
 """
 
 from __future__ import annotations
@@ -47,35 +47,35 @@ def query_log_likelihood(probs: np.ndarray, prior: np.ndarray, global_prior: np.
     return float(np.sum(np.log(probs @ (prior / global_prior))))
 
 
-PSEUDO_QUERIES = 10.0  # the train mix counts as this many queries in the estimate
-EM_STEPS = 5  # per query, warm-started from the previous estimate
-
-
-def em_prior(ratios: np.ndarray, start: np.ndarray, initial: np.ndarray, steps: int = EM_STEPS) -> np.ndarray:
-    """The label prior of queries with head outputs ``ratios`` = p_g(y | x) / pi_g(y), by EM
-    (Saerens et al. 2002) with the train mix ``start`` as ``PSEUDO_QUERIES`` prior queries."""
-    prior = initial
-    for _ in range(steps):
-        posterior = ratios * prior
-        posterior /= posterior.sum(axis=1, keepdims=True)
-        prior = (PSEUDO_QUERIES * start + posterior.sum(axis=0)) / (PSEUDO_QUERIES + len(ratios))
-    return prior
+MIX_GRID = np.linspace(0.0, 1.0, 21)  # weight of the pooled mix in a query stream's mix
+LLR_MARGIN = 10.0  # nats the estimated mix must explain the queries seen better than the pooled mix by
 
 
 def causal_priors(probs: np.ndarray, own_prior: np.ndarray, global_prior: np.ndarray) -> np.ndarray:
-    """The prior each query of a stream is answered under, from the queries before it only: the EM
-    estimate when it makes them clearly likelier than ``global_prior`` does, else ``global_prior``
-    (the first query, with nothing seen yet, gets ``global_prior``)."""
-    ratios = probs / global_prior
-    used = np.empty_like(probs)
-    estimate = own_prior
-    for t in range(len(probs)):
-        seen = ratios[:t]
-        # Log-likelihood ratio of the seen queries, estimate against the global prior (under which seen @ global_prior
-        # = 1), which must exceed the estimate's C - 1 free parameters (Akaike): a fitted prior always explains its own
-        # queries a little better, and on a pooled stream that noise would cost accuracy (without the penalty -0.5
-        # points on tests/test_label_prior.py's pooled streams, with it -0.03).
-        better = t > 0 and np.sum(np.log(seen @ estimate)) > len(estimate) - 1
-        used[t] = estimate if better else global_prior
-        estimate = em_prior(ratios[: t + 1], own_prior, estimate)
-    return used
+    """The prior each query of a stream is answered under, from the queries before it only.
+
+    The stream's mix is taken to lie between the client's own and the pooled one,
+    (1 - w) own + w pooled: maximum likelihood of w over ``MIX_GRID`` on the queries seen
+    (Saerens et al.'s likelihood with the prior restricted to that segment, one parameter
+    rather than C - 1: a free C-class estimate follows the head's miscalibration and cost
+    accuracy on pooled streams). It is used only once it explains those queries better
+    than the pooled prior by ``LLR_MARGIN`` nats, else the pooled prior (the first query,
+    with nothing seen yet, gets it too). ``probs`` should be calibrated (``calibrated``).
+    """
+    mixes = (1.0 - MIX_GRID)[:, None] * own_prior + MIX_GRID[:, None] * global_prior  # the last row is global_prior
+    # Log-likelihood of the queries seen before each query, per candidate mix (under global_prior it is 0).
+    seen = np.vstack([np.zeros(len(mixes)), np.cumsum(np.log((probs / global_prior) @ mixes.T), axis=0)[:-1]])[: len(probs)]
+    best = np.argmax(seen, axis=1)
+    used = np.where((seen[np.arange(len(probs)), best] > LLR_MARGIN)[:, None], mixes[best], global_prior)
+    return used.reshape(probs.shape)
+
+
+def calibrated(probs: np.ndarray, labelled_probs: np.ndarray, labels: np.ndarray, own_prior: np.ndarray,
+               global_prior: np.ndarray) -> np.ndarray:
+    """``probs`` with the temperature that fits the client's labelled rows best (their probabilities
+    re-weighted to its own mix, which they follow): the mix estimate trusts the probabilities."""
+    from fedhlm_app.slm.uncertainty import fit_temperature, with_temperature
+
+    if len(labels) == 0:
+        return probs
+    return with_temperature(probs, fit_temperature(shift_prior(labelled_probs, own_prior, global_prior), labels))

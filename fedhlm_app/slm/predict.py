@@ -3,9 +3,11 @@ ClientApp and for the evaluation harness.
 
 The head is fixed after training, so a client computes its class probabilities for every
 local item once (``head_outputs``) and routes from those. With the local label prior, they
-are re-weighted from the pooled label mix to the client's own (``label_prior``): for its
-labelled rows (fit, calibration), which follow its mix by definition, to its train mix; each
-query (test, a stream) to the mix estimated from the queries before it (``causal_priors``).
+are re-weighted from the pooled label mix to the client's own (``label_prior``): each query
+(test, a stream) to the mix estimated from the queries before it (``causal_priors``). The
+labelled rows (fit, calibration) keep the global head's probabilities: thresholds are learned
+on those, so that a client whose queries leave its own mix still routes by a threshold that
+fits the probabilities it then answers from.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedhlm_app.slm.head import SoftmaxHead
-from fedhlm_app.slm.label_prior import causal_priors, prior_of, shift_prior
+from fedhlm_app.slm.label_prior import calibrated, causal_priors, prior_of
 from fedhlm_app.slm.local_data import LocalData
 
 SPLITS = ("fit", "calibration", "test")
@@ -36,8 +38,8 @@ def head_outputs(head: SoftmaxHead, data: LocalData, own_counts: np.ndarray | No
     if own_counts is None or pooled_counts is None:
         return HeadOutputs(probs, 0.0)
     own, pooled = prior_of(own_counts), prior_of(pooled_counts)
-    query_priors = causal_priors(probs["test"], own, pooled)
+    queries = calibrated(probs["test"], probs["calibration"], data.calibration.y, own, pooled)
+    query_priors = causal_priors(queries, own, pooled)
     shifted = probs["test"] * (query_priors / pooled)
-    return HeadOutputs({"fit": shift_prior(probs["fit"], own, pooled), "calibration": shift_prior(probs["calibration"], own, pooled),
-                        "test": shifted / shifted.sum(axis=1, keepdims=True)},
+    return HeadOutputs({**probs, "test": shifted / shifted.sum(axis=1, keepdims=True)},
                        float(np.mean(np.any(query_priors != pooled, axis=1))) if len(query_priors) else 0.0)

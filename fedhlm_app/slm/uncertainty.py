@@ -47,6 +47,21 @@ def with_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
     return softmax(np.log(np.maximum(np.asarray(p, dtype=np.float64), 1e-300)) / temperature)
 
 
+TEMPERATURES = np.round(np.exp(np.linspace(np.log(0.25), np.log(4.0), 33)), 4)  # grid for temperature scaling
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising the log loss of ``probs`` on ``labels`` over a grid.
+
+    The loss is a sum over items, so clients can report their sums per grid point and the
+    server add them up: the federated fit gives the same temperature as this pooled one.
+    """
+    rows = np.arange(len(labels))
+    nll = [-np.sum(np.log(np.maximum(with_temperature(probs, t)[rows, labels], 1e-12))) for t in TEMPERATURES]
+    return float(TEMPERATURES[int(np.argmin(nll))])
+
+
+
 def temperature_perturbation(p: np.ndarray) -> np.ndarray:
     """U-HLM's uncertainty: the share of tokens sampled at perturbed temperatures theta_k that
     differ from the draft, here in expectation (no sampling noise): mean_k 1 - p_theta_k(draft),

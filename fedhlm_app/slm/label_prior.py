@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedhlm_app.slm.uncertainty import fit_temperature, with_temperature
+
 
 def label_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """How many rows of each class ``labels`` holds."""
@@ -39,12 +41,6 @@ def shift_prior(probs: np.ndarray, local_prior: np.ndarray, global_prior: np.nda
         raise ValueError(f"probabilities over {probs.shape[1:]} classes, priors of shapes {local_prior.shape} and {global_prior.shape}")
     shifted = probs * (local_prior / global_prior)
     return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def query_log_likelihood(probs: np.ndarray, prior: np.ndarray, global_prior: np.ndarray) -> float:
-    """log p(queries) if their labels follow ``prior``, up to a constant that is the same for
-    every prior: sum over queries of log sum_y p_g(y | x) prior(y) / global_prior(y)."""
-    return float(np.sum(np.log(probs @ (prior / global_prior))))
 
 
 MIX_GRID = np.linspace(0.0, 1.0, 21)  # weight of the pooled mix in a query stream's mix
@@ -74,8 +70,6 @@ def calibrated(probs: np.ndarray, labelled_probs: np.ndarray, labels: np.ndarray
                global_prior: np.ndarray) -> np.ndarray:
     """``probs`` with the temperature that fits the client's labelled rows best (their probabilities
     re-weighted to its own mix, which they follow): the mix estimate trusts the probabilities."""
-    from fedhlm_app.slm.uncertainty import fit_temperature, with_temperature
-
     if len(labels) == 0:
         return probs
     return with_temperature(probs, fit_temperature(shift_prior(labelled_probs, own_prior, global_prior), labels))

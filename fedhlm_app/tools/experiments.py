@@ -97,7 +97,8 @@ def query_shift_section(table: dict[str, dict[str, dict[str, float]]]) -> list[s
         "## Query shift: the local label prior when queries leave the client's own mix", "",
         "Each client's query labels are drawn from (1 - shift) x its train label mix + shift x the pooled mix "
         "(`query-shift`; 0: a device asked about what it was trained on, 1: every device asked like the pooled data). "
-        "The causal prior re-weights each query to the mix EM estimates from the queries before it (no look-ahead); "
+        "The causal prior re-weights each query to the likeliest mix between the client's own and the pooled one, "
+        "estimated from the queries before it (no look-ahead); "
         "prior-only answers every query with the client's most frequent training class, with no model: what the label "
         "mix alone is worth.", "",
         "| shift | accuracy, causal prior | LLM rate, causal prior | accuracy, no prior | LLM rate, no prior | "

@@ -113,11 +113,6 @@ class Traffic:
     received: int = 0
     requests: int = 0
 
-    def add(self, other: Traffic) -> None:
-        self.sent += other.sent
-        self.received += other.received
-        self.requests += other.requests
-
     def drain(self) -> Traffic:
         """The counts so far, resetting them."""
         out = Traffic(self.sent, self.received, self.requests)

@@ -114,9 +114,8 @@ def query_shift_section(table: dict[str, dict[str, dict[str, float]]]) -> list[s
 
 
 def combine_query_shift(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
-    return {shift: {**{m: _stats([s[shift][m] for s in per_seed]) for m in per_seed[0][shift]},
-                    "gap": _stats([s[shift]["prior_accuracy"] - s[shift]["no_prior_accuracy"] for s in per_seed])}
-            for shift in per_seed[0]}
+    return {shift: {**row, "gap": _stats([s[shift]["prior_accuracy"] - s[shift]["no_prior_accuracy"] for s in per_seed])}
+            for shift, row in _table_stats(per_seed).items()}
 
 
 def _run(base: RunConfig, name: str, overrides: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
@@ -129,6 +128,16 @@ def _run(base: RunConfig, name: str, overrides: dict[str, Any], seed: int, out: 
     results = json.loads((out / "runs" / cfg.run_name / "results.json").read_text())
     results["harness_wall_s"] = time.monotonic() - started
     return results
+
+
+def _seed_runs(base: RunConfig, runs_cfg: dict[str, dict[str, Any]], seed: int, out: Path) -> dict[str, dict[str, Any]]:
+    """Every configuration's run at one seed, each reported on one line as it finishes."""
+    runs = {}
+    for name, overrides in runs_cfg.items():
+        runs[name] = _run(base, name, overrides, seed, out)
+        print(f"seed {seed} {name}: accuracy {runs[name]['accuracy']:.4f}, LLM rate {runs[name]['llm_rate']:.4f} "
+              f"({runs[name]['harness_wall_s']:.0f} s)", flush=True)
+    return runs
 
 
 def item_outcomes(cfg: RunConfig, run_dir: Path) -> dict[str, np.ndarray]:
@@ -473,11 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     runs_cfg = variants(args.quick)
     per_seed = []
     for seed in args.seeds:
-        runs = {}
-        for name, overrides in runs_cfg.items():
-            runs[name] = _run(base, name, overrides, seed, out)
-            print(f"seed {seed} {name}: accuracy {runs[name]['accuracy']:.4f}, LLM rate {runs[name]['llm_rate']:.4f} "
-                  f"({runs[name]['harness_wall_s']:.0f} s)", flush=True)
+        runs = _seed_runs(base, runs_cfg, seed, out)
         main_cfg = base.replace(seed=seed)
         items = item_outcomes(main_cfg, out / "runs" / f"hierarchical-seed{seed}")
         cloud = runs["hierarchical"]["baselines"]["cloud_only"]
@@ -618,11 +623,7 @@ def study_only(base: RunConfig, args: argparse.Namespace, out: Path) -> int:
     runs_cfg = study.variants(base, args)
     per_seed = []
     for seed in args.seeds:
-        runs = {}
-        for name, overrides in runs_cfg.items():
-            runs[name] = _run(base, name, overrides, seed, out)
-            print(f"seed {seed} {name}: accuracy {runs[name]['accuracy']:.4f}, LLM rate {runs[name]['llm_rate']:.4f} "
-                  f"({runs[name]['harness_wall_s']:.0f} s)", flush=True)
+        runs = _seed_runs(base, runs_cfg, seed, out)
         per_seed.append(study.rows(base, seed, runs))
     table = study.combine(per_seed)
     wall = time.monotonic() - started

@@ -12,8 +12,8 @@ The correction helps only if the client's queries do follow its training mix; if
 follow the pooled mix instead it does great harm (AG News, Dirichlet 0.5: 61% instead
 of 88% accuracy). A device sees its queries as a stream, so the prior each query is
 answered under is estimated from the queries before it only (``causal_priors``): the
-maximum-likelihood mix between its own and the pooled one, used only once the queries
-seen clearly favour it over the pooled mix.
+mix between its own and the pooled one closest to the pooled mix that still explains the
+queries seen almost as well as the best one.
 """
 
 from __future__ import annotations
@@ -44,26 +44,32 @@ def shift_prior(probs: np.ndarray, local_prior: np.ndarray, global_prior: np.nda
 
 
 MIX_GRID = np.linspace(0.0, 1.0, 21)  # weight of the pooled mix in a query stream's mix
-LLR_MARGIN = 10.0  # nats the estimated mix must explain the queries seen better than the pooled mix by
+# How much worse (in nats of log-likelihood) than the best mix the mix used may explain the queries
+# seen: the mix used is the one closest to the pooled mix within this bound (a likelihood-ratio
+# confidence region). Chosen on validation streams among 4-10 nats (docs/experiments/validation.md):
+# smaller bounds gain more on streams in the client's own mix and lose more on mostly pooled ones.
+CONFIDENCE_NATS = 6.0
 
 
-def causal_priors(probs: np.ndarray, own_prior: np.ndarray, global_prior: np.ndarray) -> np.ndarray:
+def causal_priors(probs: np.ndarray, own_prior: np.ndarray, global_prior: np.ndarray,
+                  confidence_nats: float = CONFIDENCE_NATS) -> np.ndarray:
     """The prior each query of a stream is answered under, from the queries before it only.
 
     The stream's mix is taken to lie between the client's own and the pooled one,
-    (1 - w) own + w pooled: maximum likelihood of w over ``MIX_GRID`` on the queries seen
-    (Saerens et al.'s likelihood with the prior restricted to that segment, one parameter
-    rather than C - 1: a free C-class estimate follows the head's miscalibration and cost
-    accuracy on pooled streams). It is used only once it explains those queries better
-    than the pooled prior by ``LLR_MARGIN`` nats, else the pooled prior (the first query,
-    with nothing seen yet, gets it too). ``probs`` should be calibrated (``calibrated``).
+    (1 - w) own + w pooled, with Saerens et al.'s likelihood restricted to that segment (one
+    parameter rather than C - 1: a free C-class estimate follows the head's miscalibration and
+    cost accuracy on pooled streams). Of the mixes on ``MIX_GRID`` that explain the queries seen
+    within ``confidence_nats`` of the best one, the one closest to the pooled mix is used: the
+    pooled prior itself until the queries rule it out (the first query, with nothing seen, gets
+    it too), and never more of the client's own mix than the queries support. ``probs`` should be
+    calibrated (``calibrated``).
     """
     mixes = (1.0 - MIX_GRID)[:, None] * own_prior + MIX_GRID[:, None] * global_prior  # the last row is global_prior
     # Log-likelihood of the queries seen before each query, per candidate mix (under global_prior it is 0).
     seen = np.vstack([np.zeros(len(mixes)), np.cumsum(np.log((probs / global_prior) @ mixes.T), axis=0)[:-1]])[: len(probs)]
-    best = np.argmax(seen, axis=1)
-    used = np.where((seen[np.arange(len(probs)), best] > LLR_MARGIN)[:, None], mixes[best], global_prior)
-    return used.reshape(probs.shape)
+    plausible = seen >= seen.max(axis=1, keepdims=True) - confidence_nats
+    closest_to_pooled = len(MIX_GRID) - 1 - np.argmax(plausible[:, ::-1], axis=1)
+    return mixes[closest_to_pooled].reshape(probs.shape)
 
 
 def calibrated(probs: np.ndarray, labelled_probs: np.ndarray, labels: np.ndarray, own_prior: np.ndarray,

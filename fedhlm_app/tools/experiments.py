@@ -97,7 +97,8 @@ def query_shift_section(table: dict[str, dict[str, dict[str, float]]]) -> list[s
         "## Query shift: the local label prior when queries leave the client's own mix", "",
         "Each client's query labels are drawn from (1 - shift) x its train label mix + shift x the pooled mix "
         "(`query-shift`; 0: a device asked about what it was trained on, 1: every device asked like the pooled data). "
-        "The causal prior re-weights each query to the likeliest mix between the client's own and the pooled one, "
+        "The causal prior re-weights each query to a mix between the client's own and the pooled one, the closest to the pooled mix "
+        "among those that explain the queries seen almost as well as the best (a likelihood-ratio confidence region), "
         "estimated from the queries before it (no look-ahead); "
         "prior-only answers every query with the client's most frequent training class, with no model: what the label "
         "mix alone is worth.", "",
@@ -557,20 +558,85 @@ def validation_variants(base: RunConfig) -> dict[str, dict[str, Any]]:
     return runs
 
 
-def validation_rows(base: RunConfig, runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+def validation_rows(base: RunConfig, seed: int, runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     defaults = base.as_dict()
     rows = {}
     for key, values in TUNED.items():
         for value in values:
             r = runs["defaults"] if value == defaults[key] else runs[f"{key}={value}"]
             rows[f"{key}={value}"] = {"accuracy": r["accuracy"], "llm_rate": r["llm_rate"], "reduction_total": r["llm_reduction_total"]}
+    return {**rows, **prior_replay_rows(base.replace(seed=seed), runs["defaults"])}
+
+
+PRIOR_BOUNDS = [4.0, 6.0, 10.0]  # candidate ``label_prior.CONFIDENCE_NATS``
+PRIOR_FLOOR = -0.001  # a bound may cost at most this much accuracy against no prior, on the mean, at any shift
+
+
+def prior_replay_rows(cfg: RunConfig, run: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The causal prior's confidence bound on validation streams at every shift of the sweep, replayed
+    from one finished validation run (its head and each client's learned threshold; no federated rerun,
+    P2P not replayed: an uncertain query counts as escalated and answered right, as by the labels oracle).
+    Per shift and bound: the accuracy gain over no prior and the LLM rate."""
+    from fedhlm_app.reporting.results import SavedModel
+    from fedhlm_app.routing.router import Routing
+    from fedhlm_app.slm.head import head_from_config
+    from fedhlm_app.slm.label_prior import calibrated, causal_priors, prior_of
+    from fedhlm_app.slm.local_data import Placement, local_data, local_texts
+
+    run_dir = Path(run["config"]["results-dir"]) / run["run_name"]
+    model = SavedModel.load(run_dir / "model.npz")
+    taus = {c["partition_id"]: c["tau"] for c in run["clients"]}
+    rows = {}
+    for shift in SHIFTS:
+        shifted_cfg = validate({**cfg.as_dict(), **{k: run["config"][k] for k in ("query-pool", "validation-fraction")},
+                                "query-shift": shift})
+        right, escalated, n = np.zeros(len(PRIOR_BOUNDS) + 1), np.zeros(len(PRIOR_BOUNDS) + 1), 0
+        for pid in range(cfg.num_clients):
+            placement = Placement.of({"partition-id": pid, "num-partitions": cfg.num_clients}, shifted_cfg)
+            data = local_data(shifted_cfg, placement, "")
+            head = head_from_config(shifted_cfg, data.dim, data.num_classes).set_params(model.head)
+            probs, labelled = head.predict_proba(data.test.inputs), head.predict_proba(data.calibration.inputs)
+            own, pooled = prior_of(local_texts(shifted_cfg, placement).own_label_counts()), prior_of(model.label_counts)
+            queries = calibrated(probs, labelled, data.calibration.y, own, pooled)
+            for i, bound in enumerate([None, *PRIOR_BOUNDS]):
+                adapted = probs if bound is None else probs * causal_priors(queries, own, pooled, bound) / pooled
+                routing = Routing.of(adapted / adapted.sum(axis=1, keepdims=True), cfg.uncertainty)
+                to_llm = routing.uncertainty > taus[pid]
+                right[i] += np.sum(to_llm | (routing.drafts == data.test.y))
+                escalated[i] += to_llm.sum()
+            n += len(data.test.y)
+        for i, bound in enumerate(PRIOR_BOUNDS):
+            rows[f"prior@{shift}:{bound}"] = {"gain": (right[i + 1] - right[0]) / n, "llm_rate": escalated[i + 1] / n,
+                                              "no_prior_llm_rate": escalated[0] / n}
     return rows
+
+
+def prior_bound_section(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """The confidence bound of the causal prior: gain over no prior per shift, and the bound the rule picks."""
+    gains = {b: [table[f"prior@{s}:{b}"]["gain"]["mean"] for s in SHIFTS] for b in PRIOR_BOUNDS}
+    safe = [b for b in PRIOR_BOUNDS if min(gains[b]) >= PRIOR_FLOOR] or PRIOR_BOUNDS
+    chosen = max(safe, key=lambda b: np.mean(gains[b]))
+    lines = ["## The label prior's confidence bound, on validation streams", "",
+             "Each client's validation queries drawn at each query shift (as in the report's query-shift sweep) and answered "
+             "by the `defaults` run's head and learned thresholds, with the causal prior at each confidence bound "
+             "(`CONFIDENCE_NATS` in `fedhlm_app/slm/label_prior.py`) and without a prior; replayed from the saved model, "
+             "P2P not replayed. The rule: the largest mean gain over the shifts among the bounds that are, on the mean, "
+             f"never more than {-100 * PRIOR_FLOOR:.1f} points below no prior at any shift.", "",
+             "| shift | LLM rate, no prior | " + " | ".join(f"{b:g} nats: gain (points) / LLM rate" for b in PRIOR_BOUNDS) + " |",
+             "|---|---|" + "---|" * len(PRIOR_BOUNDS)]
+    for shift in SHIFTS:
+        cells = [f"{100 * table[f'prior@{shift}:{b}']['gain']['mean']:+.2f} ± {100 * table[f'prior@{shift}:{b}']['gain']['std']:.2f}"
+                 f" / {_fmt(table[f'prior@{shift}:{b}']['llm_rate'])}" for b in PRIOR_BOUNDS]
+        lines.append(f"| {shift} | {_fmt(table[f'prior@{shift}:{PRIOR_BOUNDS[0]}']['no_prior_llm_rate'])} | " + " | ".join(cells) + " |")
+    lines += ["", f"Chosen: {chosen:g} nats (mean gain over the shifts: "
+              + ", ".join(f"{b:g}: {100 * np.mean(gains[b]):+.2f}" for b in PRIOR_BOUNDS) + " points).", ""]
+    return lines
 
 
 def validation_section(base: RunConfig, table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     """Per knob: validation accuracy and LLM rate of each value, the value the rule picks and the default."""
     defaults = base.as_dict()
-    lines = ["## Defaults chosen on validation rows", "",
+    lines = ["## Run-config defaults chosen on validation rows", "",
              f"Every run answers queries drawn from {defaults['validation-fraction']:.0%} of the train rows, held out from every "
              "client (`query-pool = \"validation\"`); the test rows are not read. One knob at a time moves from the defaults. "
              f"The rule: the highest validation accuracy among the values whose LLM rate stays within {LLM_BUDGET:.0%} (the "
@@ -608,7 +674,8 @@ STUDIES = {
                                 lambda base, seed, runs: oracle_rows(runs), lambda per_seed: _table_stats(per_seed),
                                 lambda base, table: oracle_section(table)),
     "validation": Study("validation", "FedHLM defaults on validation rows", lambda base, args: validation_variants(base),
-                        lambda base, seed, runs: validation_rows(base, runs), lambda per_seed: _table_stats(per_seed), validation_section),
+                        validation_rows, lambda per_seed: _table_stats(per_seed),
+                        lambda base, table: validation_section(base, table) + prior_bound_section(table)),
 }
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
-from fedhlm_app.app.protocol import to_array, to_numpy
+from fedhlm_app.fl.records import to_array, to_numpy
 
 CASES = [
     np.arange(7, dtype=np.int64),

@@ -26,17 +26,17 @@ ledger, from its serialized size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from io import BytesIO
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
-from fedhlm_app.fl.strategy import NodeUpdate
+from fedhlm_app.fl.records import arrays_record, named_arrays, record_arrays, record_named_arrays, to_numpy
+from fedhlm_app.fl.tiers import NodeUpdate
 from fedhlm_app.oracle.base import EscalationBatch
 from fedhlm_app.routing.p2p import ClassSums, Prototypes
 from fedhlm_app.routing.speculative import Verdict
@@ -57,62 +57,6 @@ SCORE = "evaluate.score"
 def serialized_size(content: RecordDict) -> int:
     """Bytes of the content as Flower serializes it on the wire (protobuf)."""
     return recorddict_to_proto(content).ByteSize()
-
-
-# Flower stores an Array as .npy bytes and parses the header (with ast.literal_eval) on every
-# .numpy() call, and builds it on every Array(ndarray): 0.1-0.2 ms each, about 30 times per client
-# and round, most of a round's cost with 200 clients (bench/rounds.py). The same bytes, with
-# headers built and parsed once per (dtype, shape) by numpy's own format code:
-NPY_V1 = b"\x93NUMPY\x01\x00"
-
-
-@lru_cache(maxsize=512)
-def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
-    buffer = BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
-    return buffer.getvalue()
-
-
-@lru_cache(maxsize=512)
-def _parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
-    return np.lib.format.read_array_header_1_0(BytesIO(header[len(NPY_V1):]))
-
-
-def to_array(ndarray: np.ndarray) -> Array:
-    """``Array(ndarray)``, byte for byte (npy 1.0, C order)."""
-    a = ndarray if ndarray.flags.c_contiguous else np.ascontiguousarray(ndarray)  # keeps 0-d arrays 0-d
-    if a.dtype.hasobject:
-        return Array(a)  # never happens here; Flower's path refuses pickles
-    header = _npy_header(np.lib.format.dtype_to_descr(a.dtype), a.shape)
-    return Array(dtype=str(a.dtype), shape=tuple(a.shape), stype="numpy.ndarray", data=header + a.tobytes())
-
-
-def to_numpy(array: Array) -> np.ndarray:
-    """``array.numpy()`` (a writable copy); other npy versions and layouts go through Flower."""
-    data = array.data
-    if array.stype != "numpy.ndarray" or not data.startswith(NPY_V1):
-        return array.numpy()
-    end = len(NPY_V1) + 2 + int.from_bytes(data[len(NPY_V1) : len(NPY_V1) + 2], "little")
-    shape, fortran_order, dtype = _parse_npy_header(data[:end])
-    if fortran_order or dtype.hasobject:
-        return array.numpy()
-    return np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=end).reshape(shape).copy()
-
-
-def arrays_record(arrays: list[np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({str(i): to_array(a) for i, a in enumerate(arrays)})  # Flower's keys for a list
-
-
-def record_arrays(record: ArrayRecord) -> list[np.ndarray]:
-    return [to_numpy(a) for a in record.values()]
-
-
-def named_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: to_array(v) for k, v in arrays.items()})
-
-
-def record_named_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: to_numpy(v) for k, v in record.items()}
 
 
 @lru_cache(maxsize=64)
@@ -171,17 +115,19 @@ def unpack_model(content: RecordDict) -> list[np.ndarray]:
 
 @dataclass(frozen=True)
 class Train:
-    """A training round's instruction: the model to start from."""
+    """A training round's instruction: the model to start from and what the round's strategies ask of the client."""
 
     params: list[np.ndarray]
     server_round: int
+    config: dict[str, Any] = field(default_factory=dict)  # from the strategies' configure_train (``RoundConfig``)
 
     def pack(self) -> RecordDict:
-        return RecordDict({"arrays": arrays_record(self.params), "config": ConfigRecord({"server-round": self.server_round})})
+        return RecordDict({"arrays": arrays_record(self.params), "config": ConfigRecord({**self.config, "server-round": self.server_round})})
 
     @staticmethod
     def unpack(content: RecordDict) -> Train:
-        return Train(record_arrays(content["arrays"]), int(content["config"]["server-round"]))
+        config = dict(content["config"])
+        return Train(record_arrays(content["arrays"]), int(config.pop("server-round")), config)
 
 
 @dataclass(frozen=True)
@@ -293,15 +239,17 @@ class Calibrate:
     tau_reference: float
     server_round: int
     prototypes: Prototypes | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # the round's strategy config, for the threshold step
 
     def pack(self) -> RecordDict:
-        config = ConfigRecord({"tau-reference": self.tau_reference, "server-round": self.server_round})
+        config = ConfigRecord({**self.config, "tau-reference": self.tau_reference, "server-round": self.server_round})
         return _with_prototypes(RecordDict({"config": config}), self.prototypes)
 
     @staticmethod
     def unpack(content: RecordDict) -> Calibrate:
-        conf = content["config"]
-        return Calibrate(float(conf["tau-reference"]), int(conf["server-round"]), _prototypes_of(content))
+        conf = dict(content["config"])
+        tau, rnd = float(conf.pop("tau-reference")), int(conf.pop("server-round"))
+        return Calibrate(tau, rnd, _prototypes_of(content), conf)
 
 
 @dataclass(frozen=True)

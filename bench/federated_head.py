@@ -3,7 +3,7 @@
 A numpy replay of the head phase on cached features (run `make run`, and `make setup-mpnet` plus a
 run with slm-model=mpnet for mpnet, first): the paper's 20 Dirichlet(0.5) clients, flat FedAvg
 (the same global model as hierarchical FedAvg with weighted means), the project's SoftmaxHead and
-local Adam, the app's aggregation rule (``weighted_mean``) and its label-prior step (``head_outputs``,
+local Adam, FedAvg's sample-weighted mean and its label-prior step (``head_outputs``,
 with the check on each client's queries). Prints, per variant, the SLM's test accuracy and the accuracy when the 2/5/10% lowest-
 margin test items go to a perfect LLM, with the global head and with each client's local label prior.
 
@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 
 from fedhlm_app.data.datasets import load_local  # noqa: E402
 from fedhlm_app.data.partition import ClientIndices, partition_clients  # noqa: E402
-from fedhlm_app.fl.aggregation import weighted_mean  # noqa: E402
 from fedhlm_app.paths import cache_dir  # noqa: E402
 from fedhlm_app.reporting.frontier import escalate_most_uncertain  # noqa: E402
 from fedhlm_app.slm.features import EncoderSpec, featurize  # noqa: E402
@@ -54,6 +53,12 @@ class CorrectedHead(SoftmaxHead):
 
     def full_gradient(self, inputs: HeadInputs, y: np.ndarray, l2: float) -> list[np.ndarray]:
         return self.gradients(inputs, np.eye(self.num_classes)[y], l2)
+
+
+def weighted_mean(params: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray]:
+    """Flower's FedAvg rule: sum_i w_i x_i / sum_i w_i, layer by layer."""
+    w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    return [sum(wi * np.asarray(p[layer], dtype=np.float64) for wi, p in zip(w, params)) for layer in range(len(params[0]))]
 
 
 def scores(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -111,7 +116,7 @@ def main() -> None:
                             local.correction = [g - ck for g, ck in zip(server_control, controls[k])]
                     updates.append(local.fit(train[c.fit], ytr[c.fit], cfg, rng).params)
                     weights.append(len(c.fit))
-                head.params = weighted_mean(updates, weights)  # flat FedAvg, as the app's aggregator computes it
+                head.params = weighted_mean(updates, weights)  # flat FedAvg
                 if fresh:  # option I of SCAFFOLD: c_i = the client's full gradient at the round's start
                     controls = fresh
                     server_control = weighted_mean(controls, weights)

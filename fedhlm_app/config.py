@@ -6,7 +6,8 @@ any model or data loads, and raises ``ConfigError`` naming the key, the value an
 allowed. Each field of ``RunConfig`` is one run-config key (kebab-case there, snake_case
 here; ``lambda`` is ``lambda_``) and carries its own rule, so the schema is the class.
 Keys that name a registered component (strategy, uncertainty measure, oracle backend) are
-checked against that component's registry, the one place it is defined.
+checked against that component's registry, the one place it is defined (a strategy given by
+import path is imported, and its arguments tried, by the ServerApp before anything loads).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from fedhlm_app.fl.strategy import STRATEGIES
+from fedhlm_app.fl.strategies import DP_WRAPPERS, FLOWER_STRATEGIES, NO_EDGE, StrategyError, is_strategy_name, parse_args
 from fedhlm_app.oracle.base import BACKENDS
 from fedhlm_app.slm.uncertainty import MEASURES
 
@@ -31,6 +32,18 @@ RESUME_MODES = ("false", "true", "auto")  # auto: resume when a checkpoint exist
 
 class ConfigError(ValueError):
     """An invalid run-config value; the message names the key."""
+
+
+STRATEGY_RULE = f"a Flower strategy, one of {sorted(FLOWER_STRATEGIES) + sorted(DP_WRAPPERS)}, or 'package.module:Class'"
+ARGS_RULE = "the strategy's constructor arguments as a TOML inline table, e.g. '{eta = 0.01}' (empty: none)"
+
+
+def _is_args_table(text: str) -> bool:
+    try:
+        parse_args(text)
+    except StrategyError:
+        return False
+    return True
 
 
 def _key(check: Callable[[Any], bool], rule: str) -> Any:
@@ -129,10 +142,12 @@ class RunConfig:
     p2p_cost: float = _at_least(0, "a number >= 0 (cost of a peer attempt, in LLM calls when llm-cost = 1)")
     llm_cost: float = _positive("a number > 0")
     # aggregation and oracle
-    strategy: str = _one_of(STRATEGIES)
+    edge_strategy: str = _key(lambda v: v == NO_EDGE or is_strategy_name(v), f"'{NO_EDGE}' (flat: no edge tier) or {STRATEGY_RULE}")
+    edge_strategy_args: str = _key(_is_args_table, ARGS_RULE)
+    cloud_strategy: str = _key(is_strategy_name, STRATEGY_RULE)
+    cloud_strategy_args: str = _key(_is_args_table, ARGS_RULE)
     cloud_every: int = _positive("an integer >= 1 (edge rounds per cloud round)")
-    server_lr: float = _positive("a number > 0 (cloud Adam step size)")
-    trim_fraction: float = _key(lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5) (share trimmed at each end)")
+    hostile_clients: int = _at_least(0, "an integer >= 0 (per cluster: clients that send poisoned updates, for robustness studies)")
     oracle: str = _one_of(BACKENDS)
     oracle_model: str = _anything("a model name or folder (see docs/guide.md, 'Cloud LLM backends')")
     oracle_accuracy: float = _key(lambda v: 0.0 < v <= 1.0, "a number in (0, 1] (noisy-labels: how often its answer is the label)")

@@ -1,152 +1,196 @@
+"""Edge-then-cloud aggregation delegates to Flower's strategies: FedHLM's numbers are Flower's exactly."""
+
+import pickle
+import tomllib
+from pathlib import Path
+
 import numpy as np
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedhlm_app import config
-from fedhlm_app.fl.aggregation import ServerAdam, Update, flat, hierarchical, weighted_mean
-from fedhlm_app.fl.strategy import STRATEGIES, NodeUpdate, make_aggregator
+from fedhlm_app.fl import strategies
+from fedhlm_app.fl.tiers import NodeUpdate, Tiers
 from fedhlm_app.fl.updates import UpdateSpec
 from helpers import default_run_config
 
-ANY_TAU = UpdateSpec("threshold", ((1,),))  # one number, any value
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = UpdateSpec("head", ((3, 2), (2,)))  # two layers, any values
+
+# Every Flower strategy with arguments that fit 7 replies in a round (Bulyan needs 4 f + 3).
+CASES = {
+    "FedAvg": {}, "FedAvgM": {"server_momentum": 0.9}, "FedProx": {"proximal_mu": 0.1}, "FedAdam": {"eta": 0.1},
+    "FedYogi": {"eta": 0.1}, "FedAdagrad": {"eta": 0.1}, "FedMedian": {}, "FedTrimmedAvg": {"beta": 0.2},
+    "Krum": {"num_malicious_nodes": 1}, "MultiKrum": {"num_malicious_nodes": 1, "num_nodes_to_select": 3},
+    "Bulyan": {"num_malicious_nodes": 1}, "QFedAvg": {"client_learning_rate": 0.1},
+    "DifferentialPrivacyServerSideFixedClipping": {"strategy": "FedAvg", "noise_multiplier": 0.5, "clipping_norm": 1.0},
+    "DifferentialPrivacyServerSideAdaptiveClipping": {"strategy": "FedAvg", "noise_multiplier": 0.5, "clipped_count_stddev": 1.0},
+    "DifferentialPrivacyClientSideFixedClipping": {"strategy": "FedAvg", "noise_multiplier": 0.5, "clipping_norm": 1.0},
+    "DifferentialPrivacyClientSideAdaptiveClipping": {"strategy": "FedAvg", "noise_multiplier": 0.5, "clipped_count_stddev": 1.0},
+}
+ROUNDS = 3  # stateful strategies (server optimizers, momentum, adaptive clipping) must agree round after round
 
 
-def _updates():
-    # cluster 0: taus 0.2 (n=10), 0.4 (n=30); cluster 1: 0.8 (n=60)
-    return [
-        Update([np.array([0.2])], 0, 10.0),
-        Update([np.array([0.4])], 0, 30.0),
-        Update([np.array([0.8])], 1, 60.0),
-    ]
+def _replies(rnd: int, n: int = 7, seed: int = 0) -> list[tuple[list[np.ndarray], dict]]:
+    rng = np.random.default_rng([seed, rnd])
+    return [([rng.normal(size=(3, 2)), rng.normal(size=2)],
+             {"num-examples": int(rng.integers(5, 50)), "train_loss": float(rng.uniform(0.1, 2.0)), "norm_bit": int(rng.integers(2))})
+            for _ in range(n)]
 
 
-def test_hierarchical_weights_match_hand_computation():
-    agg = hierarchical(_updates())
-    tau_c0 = (10 * 0.2 + 30 * 0.4) / 40  # 0.35
-    tau_c1 = 0.8
-    assert agg.cluster_params[0][0][0] == pytest.approx(tau_c0)
-    assert agg.cluster_params[1][0][0] == pytest.approx(tau_c1)
-    assert agg.cluster_weights == {0: 40.0, 1: 60.0}
-    assert agg.global_params[0][0] == pytest.approx((40 * tau_c0 + 60 * tau_c1) / 100)
+class _Members:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(self.n))
 
 
-def test_flat_weighted_mean_equals_hierarchical_global():
-    assert flat(_updates()).global_params[0][0] == pytest.approx(hierarchical(_updates()).global_params[0][0])
+def _flower_message(params, metrics) -> Message:
+    """A reply as a Flower ClientApp sends it: Flower's own ArrayRecord of a list of arrays."""
+    return Message(RecordDict({"arrays": ArrayRecord(numpy_ndarrays=params), "metrics": MetricRecord(metrics)}), dst_node_id=1,
+                   message_type="train")
 
 
-def test_weighted_mean_of_multi_layer_params():
-    out = weighted_mean([[np.ones((2, 2)), np.zeros(3)], [np.zeros((2, 2)), np.ones(3)]], [1, 3])
-    assert np.allclose(out[0], 0.25) and np.allclose(out[1], 0.75)
-    with pytest.raises(ValueError):
-        weighted_mean([], [])
+def _by_flower(strategy, rnd: int, current: list[np.ndarray], replies) -> list[np.ndarray]:
+    """One round of the Flower strategy called directly, as Flower's own loop calls it."""
+    strategy.configure_train(rnd, ArrayRecord(numpy_ndarrays=current), ConfigRecord(), _Members(len(replies)))
+    np.random.seed(rnd)  # DP noise comes from numpy's global generator
+    arrays, _ = strategy.aggregate_train(rnd, [_flower_message(p, m) for p, m in replies])
+    return arrays.to_numpy_ndarrays()
 
 
-def _reply(node: int, tau: float, n: int) -> NodeUpdate:
-    return NodeUpdate(node, [np.array([tau])], {"num-examples": n, "loss": tau})
+def _tiers(edge: str, cloud: str, edge_args: str = "", cloud_args: str = "") -> Tiers:
+    return Tiers.of(config.validate(default_run_config(**{"edge-strategy": edge, "edge-strategy-args": edge_args,
+                                                          "cloud-strategy": cloud, "cloud-strategy-args": cloud_args})))
 
 
-def make_strategy(overrides: dict, cluster_of: dict[int, int]):
-    return make_aggregator(config.validate(default_run_config(**overrides)), cluster_of)
+def _toml(args: dict) -> str:
+    return "{" + ", ".join(f"{k} = {v!r}".replace("'", '"') for k, v in args.items()) + "}"
 
 
-def test_strategy_groups_replies_by_cluster():
-    strategy = make_strategy({"strategy": "hierarchical-fedavg"}, {1: 0, 2: 0, 3: 1})
-    result = strategy.aggregate(1, [_reply(1, 0.2, 10), _reply(2, 0.4, 30), _reply(3, 0.8, 60)], ANY_TAU)
-    assert result.aggregate.global_params[0][0] == pytest.approx(0.35 * 0.4 + 0.8 * 0.6)
-    assert result.aggregate.cluster_params[0][0][0] == pytest.approx(0.35)
-    assert result.metrics["num-examples"] == 100 and result.metrics["loss"] == pytest.approx(0.62)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_flat_aggregation_equals_the_flower_strategy_called_directly(name):
+    nodes = list(range(7))
+    ours = _tiers("none", name, cloud_args=_toml(CASES[name])).aggregator({n: n % 2 for n in nodes}, 1)
+    flower = strategies.build(name, CASES[name], replies=len(nodes))
+    model_ours = model_flower = [np.zeros((3, 2)), np.zeros(2)]
+    for rnd in range(1, ROUNDS + 1):
+        replies = _replies(rnd)
+        ours.configure("head", rnd, {}, model_ours)
+        np.random.seed(rnd)
+        model_ours = ours.aggregate(rnd, [NodeUpdate(n, p, m) for n, (p, m) in zip(nodes, replies)], MODEL).aggregate.global_params
+        model_flower = _by_flower(flower, rnd, model_flower, replies)
+        for a, b in zip(model_ours, model_flower):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
 
 
-def test_config_accepts_exactly_the_registered_strategies():
-    for name in STRATEGIES:
-        assert config.validate(default_run_config(strategy=name)).strategy == name
-    with pytest.raises(config.ConfigError, match="strategy"):
-        config.validate(default_run_config(strategy="krum"))
+@pytest.mark.parametrize("edge, cloud", [("FedMedian", "FedAdam"), ("Krum", "FedAvgM"), ("FedTrimmedAvg", "FedYogi"),
+                                         ("FedAvg", "FedAvg"), ("MultiKrum", "FedAdagrad")])
+def test_hierarchical_aggregation_equals_the_strategy_per_cluster_then_across_clusters(edge, cloud):
+    clusters = {n: 0 if n < 7 else 1 for n in range(14)}  # two clusters of seven
+    ours = _tiers(edge, cloud, _toml(CASES[edge]), _toml(CASES[cloud])).aggregator(clusters, 1)
+    by_hand_edge = {c: strategies.build(edge, CASES[edge], 7) for c in (0, 1)}
+    by_hand_cloud = strategies.build(cloud, CASES[cloud], 2)
+    global_ours = global_hand = [np.zeros((3, 2)), np.zeros(2)]
+    for rnd in range(1, ROUNDS + 1):
+        replies = {c: _replies(rnd, seed=c) for c in (0, 1)}
+        ours.configure("head", rnd, {}, global_ours)
+        updates = [NodeUpdate(7 * c + i, p, m) for c in (0, 1) for i, (p, m) in enumerate(replies[c])]
+        result = ours.aggregate(rnd, updates, MODEL).aggregate
+        edge_models = {c: _by_flower(by_hand_edge[c], rnd, global_hand, replies[c]) for c in (0, 1)}
+        weights = {c: sum(m["num-examples"] for _, m in replies[c]) for c in (0, 1)}
+        edge_metrics = {c: {"num-examples": weights[c], "train_loss": float(np.average([m["train_loss"] for _, m in replies[c]],
+                                                                                            weights=[m["num-examples"] for _, m in replies[c]]))}
+                        for c in (0, 1)}
+        global_hand = _by_flower(by_hand_cloud, rnd, global_hand, [(edge_models[c], edge_metrics[c]) for c in (0, 1)])
+        global_ours = result.global_params
+        for c in (0, 1):
+            for a, b in zip(result.cluster_params[c], edge_models[c]):
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+        assert result.cluster_weights == {c: float(w) for c, w in weights.items()}
+        for a, b in zip(global_ours, global_hand):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
 
 
-# cluster 0: five clients, one of them an outlier (tau 0.99); cluster 1: two clients
-ROBUST_REPLIES = [(1, 0.2, 10), (2, 0.3, 20), (3, 0.4, 30), (4, 0.5, 10), (5, 0.99, 30), (6, 0.6, 40), (7, 0.8, 60)]
-ROBUST_CLUSTERS = {1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 1, 7: 1}
+def test_each_model_has_its_own_optimizer_state_and_it_survives_a_checkpoint():
+    clusters = {n: n % 2 for n in range(4)}
+    aggregator = _tiers("FedAvg", "FedAdam", cloud_args="{eta = 0.1}").aggregator(clusters, 1)
+    tau = UpdateSpec("threshold", ((1,),))
+    for rnd in (1, 2):
+        aggregator.configure("head", rnd, {}, [np.zeros((3, 2)), np.zeros(2)])
+        aggregator.aggregate(rnd, [NodeUpdate(n, p, m) for n, (p, m) in zip(range(4), _replies(rnd, 4))], MODEL)
+        aggregator.configure("threshold", rnd, {}, [np.array([0.5])])
+        aggregator.aggregate(rnd, [NodeUpdate(n, [np.array([0.1 * n + 0.1 * rnd])], {"num-examples": 10}) for n in range(4)], tau)
+    assert set(aggregator.cloud) == {"head", "threshold"} and set(aggregator.edge) == {(m, c) for m in ("head", "threshold") for c in (0, 1)}
+    assert aggregator.cloud["head"].m_t["0"].shape == (3, 2) and aggregator.cloud["threshold"].m_t["0"].shape == (1,)
+
+    resumed = _tiers("FedAvg", "FedAdam", cloud_args="{eta = 0.1}").aggregator(clusters, 1)
+    resumed.load_state(pickle.loads(pickle.dumps(aggregator.state())))
+    for agg in (aggregator, resumed):
+        agg.configure("threshold", 3, {}, [np.array([0.4])])
+    replies = [NodeUpdate(n, [np.array([0.3])], {"num-examples": 10}) for n in range(4)]
+    assert resumed.aggregate(3, replies, tau).aggregate.global_params[0][0] == aggregator.aggregate(3, replies, tau).aggregate.global_params[0][0]
 
 
-@pytest.mark.parametrize(
-    "name, cluster0, cluster1",
-    [
-        ("hierarchical-fedavg", (2 + 6 + 12 + 5 + 29.7) / 100, (24 + 48) / 100),
-        ("hierarchical-median", 0.4, (0.6 + 0.8) / 2),  # unweighted median per cluster
-        ("hierarchical-trimmed-mean", (0.3 + 0.4 + 0.5) / 3, (0.6 + 0.8) / 2),  # 20% of 5 = 1 cut at each end
-    ],
-)
-def test_every_hierarchical_strategy_matches_a_hand_computation(name, cluster0, cluster1):
-    strategy = make_strategy({"strategy": name, "trim-fraction": 0.2}, ROBUST_CLUSTERS)
-    result = strategy.aggregate(1, [_reply(*r) for r in ROBUST_REPLIES], ANY_TAU).aggregate
-    assert result.cluster_params[0][0][0] == pytest.approx(cluster0)
-    assert result.cluster_params[1][0][0] == pytest.approx(cluster1)
-    # the cloud weighs each cluster by its clients' samples: 100 and 100
-    assert result.global_params[0][0] == pytest.approx((100 * cluster0 + 100 * cluster1) / 200)
+def test_fedprox_mu_reaches_the_clients_through_the_round_config():
+    aggregator = _tiers("FedProx", "FedAvg", "{proximal_mu = 0.3}").aggregator({1: 0, 2: 1}, 1)
+    asked = aggregator.configure("head", 1, {}, [np.zeros(2)])
+    assert asked == {0: {"proximal-mu": 0.3}, 1: {"proximal-mu": 0.3}}
+    asked = _tiers("FedAvg", "DifferentialPrivacyClientSideFixedClipping", cloud_args=_toml(CASES["DifferentialPrivacyClientSideFixedClipping"])
+                   ).aggregator({1: 0, 2: 1}, 1).configure("head", 1, {}, [np.zeros(2)])
+    assert asked[0]["clipping_norm"] == 1.0
 
 
-def test_robust_edges_resist_an_outlier_that_moves_the_mean():
-    replies = [_reply(*r) for r in ROBUST_REPLIES]
-    tau = {name: make_strategy({"strategy": name, "trim-fraction": 0.2}, ROBUST_CLUSTERS).aggregate(1, replies, ANY_TAU)
-           .aggregate.global_params[0][0] for name in ("hierarchical-fedavg", "hierarchical-median", "hierarchical-trimmed-mean")}
-    assert tau["hierarchical-median"] < tau["hierarchical-fedavg"] and tau["hierarchical-trimmed-mean"] < tau["hierarchical-fedavg"]
+def test_a_strategy_that_needs_more_clients_than_its_tier_has_fails_with_the_reason():
+    aggregator = _tiers("FedAvg", "FedAvg", "{min_available_nodes = 3}").aggregator({1: 0, 2: 0, 3: 1}, 1)
+    with pytest.raises(ValueError, match="needs 3 members, its tier has 2"):
+        aggregator.configure("head", 1, {}, [np.zeros(2)])
 
 
-def test_flat_fedavg_preset_matches_a_hand_computation():
-    strategy = make_strategy({"strategy": "fedavg"}, ROBUST_CLUSTERS)
-    result = strategy.aggregate(1, [_reply(*r) for r in ROBUST_REPLIES], ANY_TAU)
-    expected = sum(t * n for _, t, n in ROBUST_REPLIES) / sum(n for _, _, n in ROBUST_REPLIES)
-    assert result.aggregate.global_params[0][0] == pytest.approx(expected)
+def test_a_user_strategy_by_import_path():
+    aggregator = _tiers("examples.median_of_means:MedianOfMeans", "FedAvg", "{groups = 2}").aggregator({n: 0 for n in range(4)}, 1)
+    taus = [0.1, 0.2, 0.3, 0.9]
+    aggregator.configure("threshold", 1, {}, [np.array([0.5])])
+    result = aggregator.aggregate(1, [NodeUpdate(n, [np.array([t])], {"num-examples": 10}) for n, t in enumerate(taus)],
+                                  UpdateSpec("threshold", ((1,),)))
+    assert result.aggregate.global_params[0][0] == pytest.approx(np.median([np.mean(taus[:2]), np.mean(taus[2:])]))
 
 
-def test_every_preset_under_conf_strategies_names_a_known_strategy():
-    import tomllib
-    from pathlib import Path
+@pytest.mark.parametrize("edge, cloud, args, message", [
+    ("Kurm", "FedAvg", "", "'edge-strategy' = 'Kurm'"),
+    ("FedAvg", "nowhere.module:Thing", "", "cannot import it"),
+    ("FedAvg", "numpy:ndarray", "", "is not a subclass"),
+    ("FedTrimmedAvg", "FedAvg", "{beta = }", "'edge-strategy-args'"),
+    ("Krum", "FedAvg", "{num_malicious = 2}", "unexpected keyword argument 'num_malicious'"),
+])
+def test_bad_strategies_are_refused_at_start_naming_what_is_wrong(edge, cloud, args, message):
+    with pytest.raises(config.ConfigError, match=message):
+        _tiers(edge, cloud, args)
 
-    presets = sorted((Path(__file__).resolve().parents[1] / "conf" / "strategies").glob("*.toml"))
-    assert {p.stem for p in presets} == set(STRATEGIES)
+
+def test_every_preset_under_conf_strategies_builds_its_strategies():
+    presets = sorted((ROOT / "conf" / "strategies").glob("*.toml"))
+    named = set()
     for preset in presets:
         values = tomllib.loads(preset.read_text())
-        assert values["strategy"] == preset.stem
-        assert set(values) <= set(config.key_names().values())
+        assert set(values) <= set(config.key_names().values()), preset.name
+        tiers = Tiers.of(config.validate(default_run_config(**values)))
+        named |= set(tiers.names)
+    assert set(strategies.FLOWER_STRATEGIES) <= named | {"none"}
 
 
-def test_server_adam_follows_the_edge_mean_with_adam_steps():
-    adam = ServerAdam(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-9)
-    # round 1 starts the model at the target (weighted mean of the edge results)
-    assert adam([[np.array([0.2])], [np.array([0.6])]], [1, 1])[0][0] == pytest.approx(0.4)
-    # round 2: target 0.5, d = 0.1, m = 0.01, v = 1e-4, step = 0.1 * 0.01 / 0.01 = 0.1
-    assert adam([[np.array([0.5])]], [1])[0][0] == pytest.approx(0.5)
-    # round 3: target 0.5, d = 0, m = 0.009, v = 0.99e-4, step = 0.1 * 0.009 / sqrt(0.99e-4)
-    assert adam([[np.array([0.5])]], [1])[0][0] == pytest.approx(0.5 + 0.1 * 0.009 / np.sqrt(0.99e-4))
-    # another model (other shapes: the head after the thresholds) keeps its own state
-    head = adam([[np.ones((2, 3)), np.zeros(3)]], [1])
-    assert np.allclose(head[0], 1.0) and len(adam.state) == 2
+def test_client_side_clipping_bounds_the_update_and_reports_the_norm_bit():
+    from fedhlm_app.fl.round_config import RoundConfig
 
-
-def test_fedadam_strategy_moves_the_cloud_model_and_keeps_weighted_edges():
-    strategy = make_strategy({"strategy": "hierarchical-fedadam", "server-lr": 0.1}, ROBUST_CLUSTERS)
-    replies = [_reply(*r) for r in ROBUST_REPLIES]
-    first = strategy.aggregate(1, replies, ANY_TAU).aggregate.global_params[0][0]
-    assert first == pytest.approx((0.547 + 0.72) / 2)  # round 1: the weighted mean of the edges
-    shifted = [_reply(node, tau + 0.1, n) for node, tau, n in ROBUST_REPLIES]
-    second = strategy.aggregate(2, shifted, ANY_TAU).aggregate
-    assert second.global_params[0][0] == pytest.approx(first + 0.1)  # first Adam step: lr in the direction of the shift
-    assert second.cluster_params[0][0][0] == pytest.approx(0.647)  # edges are plain weighted means
-
-
-def test_an_edge_round_stops_before_the_cloud():
-    strategy = make_strategy({"strategy": "hierarchical-fedadam", "server-lr": 0.1}, ROBUST_CLUSTERS)
-    result = strategy.aggregate(1, [_reply(*r) for r in ROBUST_REPLIES], ANY_TAU, cloud=False)
-    assert not result.is_cloud_round and result.metrics["num-examples"] == 200
-    assert result.aggregate.cluster_params[0][0][0] == pytest.approx(0.547) and result.aggregate.cluster_params[1][0][0] == pytest.approx(0.72)
-    assert strategy.cloud_rule.state == {}  # the cloud optimizer did not step
-    flat_strategy = make_strategy({"strategy": "fedavg"}, ROBUST_CLUSTERS)
-    assert flat_strategy.aggregate(1, [_reply(*r) for r in ROBUST_REPLIES], ANY_TAU, cloud=False).is_cloud_round  # no edge tier
-
-
-def test_cloud_rounds_are_every_kth_and_the_last():
-    from fedhlm_app.app.phases import is_cloud_round
-
-    assert [r for r in range(1, 8) if is_cloud_round(r, 7, 3)] == [3, 6, 7]
-    assert all(is_cloud_round(r, 5, 1) for r in range(1, 6))
+    start = [np.zeros((2, 2), np.float32), np.zeros(3, np.float32)]
+    trained = [np.full((2, 2), 3.0, np.float32), np.full(3, 4.0, np.float32)]  # update norm sqrt(4*9 + 3*16) = sqrt(84)
+    metrics: dict = {}
+    clipped = RoundConfig(clipping_norm=2.0).clipped(trained, start, metrics)
+    norm = np.sqrt(sum(float(np.sum((c - s) ** 2)) for c, s in zip(clipped, start)))
+    assert norm == pytest.approx(2.0, rel=1e-6) and metrics == {"norm_bit": 1} and clipped[0].dtype == np.float32
+    np.testing.assert_allclose(clipped[0] / clipped[0].max(), 1.0)  # the direction is kept
+    small: dict = {}
+    assert RoundConfig(clipping_norm=100.0).clipped(trained, start, small)[1][0] == 4.0 and small == {"norm_bit": 0}
+    assert RoundConfig().clipped(trained, start, {}) is trained
+    assert RoundConfig.of(RoundConfig(0.5, 2.0).as_config()) == RoundConfig(0.5, 2.0)

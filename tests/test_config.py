@@ -11,7 +11,8 @@ BAD_VALUES = [
     ({"dirichlet-alpha": 0.0}, "'dirichlet-alpha' = 0.0"),
     ({"dirichlet-alpha": -2.0}, "'dirichlet-alpha' = -2.0"),
     ({"num-clusters": 9, "num-clients": 4}, "'num-clusters' = 9"),
-    ({"strategy": "fedfoo"}, "'strategy' = 'fedfoo'"),
+    ({"edge-strategy": "fedfoo"}, "'edge-strategy' = 'fedfoo'"),
+    ({"cloud-strategy-args": "{eta = "}, "'cloud-strategy-args' = '{eta = '"),
     ({"oracle": "gpt-9"}, "'oracle' = 'gpt-9'"),
     ({"lambda": 1.5}, "'lambda' = 1.5"),
     ({"seed": "x"}, "'seed' = 'x'"),
@@ -33,7 +34,7 @@ def test_unknown_key_is_rejected_by_name():
 
 
 def test_defaults_are_valid_and_inf_alpha_means_iid():
-    assert validate(default_run_config()).strategy == "hierarchical-fedavg"
+    assert (validate(default_run_config()).edge_strategy, validate(default_run_config()).cloud_strategy) == ("FedAvg", "FedAvg")
     assert validate(default_run_config(**{"dirichlet-alpha": "inf"})).dirichlet_alpha == float("inf")
 
 
@@ -60,7 +61,8 @@ def _launch(*args: str) -> subprocess.CompletedProcess:
         ("threshold-rounds=-3", "'threshold-rounds' = -3"),
         ("dirichlet-alpha=0.0", "'dirichlet-alpha' = 0.0"),
         ("num-clusters=50", "'num-clusters' = 50"),
-        ("strategy='bogus'", "'strategy' = 'bogus'"),
+        ("edge-strategy='bogus'", "'edge-strategy' = 'bogus'"),
+        ("cloud-strategy='Krum' cloud-strategy-args='{num_malicious = 1}'", "unexpected keyword argument 'num_malicious'"),
         ("data-dir='/nonexistent/ag'", "data-dir '/nonexistent/ag' is not a directory"),
         ("max-train-items=40 min-partition-size=10", "no Dirichlet(alpha=0.5) split of 40 rows over 20 clients"),
         ("resume=true", "'resume' = true: needs a 'run-name'"),

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT
 
 
@@ -27,3 +29,26 @@ def test_smoke_preset_finishes_completed(tmp_path):
     # a real sentence encoder with a trained head beats chance by far on AG News
     assert results["baselines"]["slm_only"]["accuracy"] > 0.5
     assert "FedHLM (learned thresholds)" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("strategies", [
+    "edge-strategy='Krum' edge-strategy-args='{num_malicious_nodes = 0}' cloud-strategy='FedAdam' cloud-strategy-args='{eta = 0.01}'",
+    "edge-strategy='examples.median_of_means:MedianOfMeans' edge-strategy-args='{groups = 2}' cloud-strategy='FedYogi'",
+])
+def test_flower_and_user_strategies_finish_completed(tmp_path, strategies):
+    """Krum at the edge and FedAdam in the cloud; a user's own strategy by import path (packaged with the app)."""
+    results_dir, flwr_home = tmp_path / "results", tmp_path / "flwr_home"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "fedhlm_app.tools.launch", "conf/smoke.toml", "--flwr-home", str(flwr_home),
+            "-c", f"results-dir='{results_dir}' cache-dir='{tmp_path / 'cache'}' run-name='ci-strategies' {strategies}",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert "run status finished:completed" in proc.stdout, tail
+    results = json.loads((results_dir / "latest" / "results.json").read_text())
+    edge, cloud = strategies.split("edge-strategy='")[1].split("'")[0], strategies.split("cloud-strategy='")[1].split("'")[0]
+    assert (results["config"]["edge-strategy"], results["config"]["cloud-strategy"]) == (edge, cloud)
+    assert f"edge '{edge}'" in proc.stdout + proc.stderr and f"then cloud '{cloud}'" in proc.stdout + proc.stderr
+    assert len(results["thresholds"]["rounds"]) == results["config"]["threshold-rounds"]

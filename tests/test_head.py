@@ -86,3 +86,17 @@ def test_a_head_with_ngrams_refuses_inputs_without_them():
     head = SoftmaxHead(2, 2, ngram_buckets=1024)
     with pytest.raises(ValueError, match="n-gram bags of 1024 buckets"):
         head.predict_proba(np.zeros((1, 2)))
+
+
+def test_fedprox_keeps_the_head_near_where_it_started():
+    rng = np.random.default_rng(0)
+    texts = _texts(rng, 200)
+    y = np.array([int("oil" in t.split()) for t in texts])
+    inputs = HeadInputs(rng.normal(size=(200, 8)), NgramBags.of(texts, 1024))
+    start = SoftmaxHead(8, 2, ngram_buckets=1024, seed=3).get_params()
+    moved = {}
+    for mu in (0.0, 1.0, 100.0):
+        head = SoftmaxHead(8, 2, ngram_buckets=1024).set_params([p.copy() for p in start])
+        head.fit(inputs, y, HeadConfig(epochs=5, lr=0.05, l2=0.0, proximal_mu=mu), np.random.default_rng(1))
+        moved[mu] = np.sqrt(sum(float(np.sum((p - s) ** 2)) for p, s in zip(head.get_params(), start)))
+    assert moved[0.0] > moved[1.0] > moved[100.0] > 0  # dense and n-gram rows alike are pulled back

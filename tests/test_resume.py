@@ -46,19 +46,25 @@ def _results(tmp_path, run_name):
     return json.loads((tmp_path / "results" / run_name / "results.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_bert):
+# The default strategies, and stateful ones (server momentum per cluster, Adam in the cloud) whose
+# state must come back from the checkpoint for the resumed run to end where the whole one ends.
+STRATEGIES = [{}, {"edge-strategy": "FedAvgM", "edge-strategy-args": "{server_momentum = 0.5}",
+                   "cloud-strategy": "FedAdam", "cloud-strategy-args": "{eta = 0.05}"}]
+
+
+@pytest.fixture(scope="module", params=STRATEGIES, ids=["fedavg", "fedavgm-fedadam"])
+def runs(request, tmp_path_factory, tiny_bert):
     tmp = tmp_path_factory.mktemp("resume")
-    whole = _config(tmp, tiny_bert, "whole")
+    whole = _config(tmp, tiny_bert, "whole", **request.param)
     server_app(LocalGrid(client_app, NODES, whole), server_context(whole))
 
-    broken = _config(tmp, tiny_bert, "broken")
+    broken = _config(tmp, tiny_bert, "broken", **request.param)
     with pytest.raises(Crash):
         server_app(CrashingGrid(client_app, NODES, broken, crash_at=3), server_context(broken))
     saved = checkpoint.load(tmp / "results" / "broken" / checkpoint.CHECKPOINT_FILE, validate(broken))
 
     # A new federation: fresh client state and new node ids, as after restarting every process.
-    resumed = _config(tmp, tiny_bert, "broken", resume=True)
+    resumed = _config(tmp, tiny_bert, "broken", resume=True, **request.param)
     server_app(LocalGrid(client_app, NODES, resumed, first_node_id=5000), server_context(resumed))
     return tmp, saved, _results(tmp, "whole"), _results(tmp, "broken")
 

@@ -41,3 +41,10 @@ def test_personalize_and_exploration():
     assert personalize(0.2, 0.6, 0.5) == pytest.approx(0.4)
     h = np.array([0.1, 0.35, 0.45, 0.9])
     assert exploration_mask(h, 0.5, 0.2).tolist() == [False, True, True, True]
+
+
+def test_fedprox_term_keeps_tau_near_its_start():
+    h, beta = np.linspace(0, 1, 50), np.zeros(50)  # never rejected: tau wants to rise
+    steps = {mu: local_update(0.5, h, beta, ThresholdConfig(lam=0.3, lr=0.5, local_steps=20, proximal_mu=mu), 50) - 0.5
+             for mu in (0.0, 1.0, 10.0, 1000.0)}
+    assert steps[0.0] > steps[1.0] > steps[10.0] > steps[1000.0] > 0  # stable however large mu is

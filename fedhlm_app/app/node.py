@@ -15,6 +15,8 @@ state               what                                      written by
                                                               ``calibrate``, ``train_threshold``
 ``feedback``        the LLM's verdicts on calibration items   ``install_head`` (resume),
                                                               ``train_threshold``
+``round_config``    what the threshold round's strategies     ``calibrate``
+                    ask (FedProx's mu, a clipping norm)
 ``prototypes``      the cluster's P2P prototypes              ``calibrate``, ``route``
 ``class_sums_sent`` the class sums last shared with the edge  ``train_threshold``
 ``tiers``           where each query went under the policy    ``route``, read by ``score``
@@ -45,15 +47,15 @@ from fedhlm_app.app.protocol import (
     RouteQueries,
     ThresholdReply,
     Train,
-    named_arrays,
     pack_class_sums,
     pack_prototypes,
-    record_named_arrays,
-    to_numpy,
     unpack_class_sums,
     unpack_prototypes,
 )
 from fedhlm_app.config import RunConfig, run_config_of
+from fedhlm_app.fl import attacks
+from fedhlm_app.fl.records import named_arrays, record_named_arrays, to_numpy
+from fedhlm_app.fl.round_config import RoundConfig
 from fedhlm_app.oracle.base import EscalationBatch
 from fedhlm_app.paths import cache_dir
 from fedhlm_app.routing import router
@@ -114,6 +116,7 @@ class NodeState:
     head_outputs = _Slot("head-outputs", _pack_head_outputs, _unpack_head_outputs, written_by="query.install_head")
     tau = _Slot("threshold", lambda tau: MetricRecord({"tau": float(tau)}), lambda r: float(r["tau"]))
     feedback = _Slot("feedback", _pack_memory, _unpack_memory, default=NO_FEEDBACK)  # its ``tau`` is left out
+    round_config = _Slot("round-config", lambda c: ConfigRecord(c.as_config()), RoundConfig.of, default=RoundConfig())
     prototypes = _Slot("prototypes", pack_prototypes, unpack_prototypes)
     class_sums_sent = _Slot("p2p-sent", pack_class_sums, unpack_class_sums)
     tiers = _Slot("routing", lambda tiers: named_arrays({"tiers": tiers.astype(np.int8)}), lambda r: to_numpy(r["tiers"]),
@@ -167,10 +170,12 @@ class Node:
     def train_encoder(self, instruction: Train) -> ClientUpdate:
         """Fine-tune the encoder's top layers on the local fit split, from the global weights."""
         cfg, texts = self.cfg, self.texts
+        asked = RoundConfig.of(instruction.config)
         tuner = get_tuner(cfg.slm_model, cfg.encoder_layers, texts.num_classes).set_arrays(instruction.params)
-        tuning = TuningConfig(cfg.encoder_steps, cfg.encoder_batch_size, cfg.encoder_lr, cfg.max_length)
+        tuning = TuningConfig(cfg.encoder_steps, cfg.encoder_batch_size, cfg.encoder_lr, cfg.max_length, asked.proximal_mu)
         train_loss = tuner.train(texts.fit.texts, texts.fit.labels, tuning, self._rng(instruction.server_round))
-        return ClientUpdate(tuner.get_arrays(), {"num-examples": len(texts.fit), "train-loss": train_loss})
+        metrics = {"num-examples": len(texts.fit), "train-loss": train_loss}
+        return ClientUpdate(self._sent(asked.clipped(tuner.get_arrays(), instruction.params, metrics), instruction.params), metrics)
 
     def install_encoder(self, params: list[np.ndarray]) -> NodeInfo:
         """Install the fine-tuned encoder and featurize the local data with it."""
@@ -180,13 +185,17 @@ class Node:
 
     def train_head(self, instruction: Train) -> ClientUpdate:
         """Fit the head on the local fit split, starting from the global weights."""
-        cfg, data = self.cfg, self.data
+        cfg, data, asked = self.cfg, self.data, RoundConfig.of(instruction.config)
         head = head_from_config(cfg, data.dim, data.num_classes).set_params(instruction.params)
-        head.fit(data.fit.inputs, data.fit.y, HeadConfig(epochs=cfg.head_epochs, lr=cfg.head_lr, l2=cfg.head_l2),
+        head.fit(data.fit.inputs, data.fit.y, HeadConfig(cfg.head_epochs, cfg.head_lr, l2=cfg.head_l2, proximal_mu=asked.proximal_mu),
                  self._rng(instruction.server_round))
         accuracy = float(np.mean(head.predict_proba(data.fit.inputs).argmax(1) == data.fit.y)) if len(data.fit) else 0.0
         metrics = {"num-examples": len(data.fit), "train-loss": head.log_loss(data.fit.inputs, data.fit.y), "train-accuracy": accuracy}
-        return ClientUpdate(head.get_params(), metrics)
+        return ClientUpdate(self._sent(asked.clipped(head.get_params(), instruction.params, metrics), instruction.params), metrics)
+
+    def _sent(self, trained: list[np.ndarray], start: list[np.ndarray]) -> list[np.ndarray]:
+        """What leaves the node: its trained model, or, from a hostile node, a poisoned one."""
+        return attacks.poisoned_model(trained, start) if self.placement.hostile else trained
 
     def install_head(self, instruction: InstallHead) -> None:
         """Keep the final head's outputs on every local item (and a resumed client's memory)."""
@@ -220,6 +229,7 @@ class Node:
         self._take_prototypes(instruction.prototypes)
         tau = self._starting_tau(instruction.tau_reference)
         self.state.tau = tau
+        self.state.round_config = RoundConfig.of(instruction.config)
         routing = self._routing("calibration")
         ids = router.calibration_requests(routing.uncertainty, tau, self.cfg.exploration_band, self.state.feedback.ids)
         return Escalation(self._batch(self.data.calibration.texts, routing, ids), len(routing.drafts), tau)
@@ -235,16 +245,20 @@ class Node:
         self.state.feedback = memory
         tau = self.state.tau
         metrics: dict[str, float] = {"num-examples": len(data.calibration), **self._peer_check(calibration, memory, tau)}
-        tcfg = ThresholdConfig(kappa=cfg.kappa, lam=cfg.lambda_, lr=cfg.threshold_lr, local_steps=cfg.threshold_local_steps)
+        asked = self.state.round_config
+        tcfg = ThresholdConfig(kappa=cfg.kappa, lam=cfg.lambda_, lr=cfg.threshold_lr, local_steps=cfg.threshold_local_steps,
+                               proximal_mu=asked.proximal_mu)
         n = max(len(data.calibration), 1)
         h_known = calibration.uncertainty[memory.ids]
         metrics["loss-before"] = loss(tau, h_known, memory.beta, tcfg.lam, tcfg.kappa, n)
-        tau = local_update(tau, h_known, memory.beta, tcfg, n)
+        start = tau
+        tau = float(asked.clipped([np.array([local_update(tau, h_known, memory.beta, tcfg, n)])], [np.array([start])], metrics)[0][0])
         self.state.tau = tau
         h = calibration.uncertainty
         metrics.update({"loss": loss(tau, h_known, memory.beta, tcfg.lam, tcfg.kappa, n),
                         "escalation-rate": float(np.mean(h > tau)) if len(h) else 0.0, "feedback-items": len(memory.ids)})
-        return ThresholdReply(tau, metrics, self._moved_class_sums(calibration, tau, memory) if cfg.p2p else None)
+        sent = attacks.POISONED_TAU if self.placement.hostile else tau
+        return ThresholdReply(sent, metrics, self._moved_class_sums(calibration, tau, memory) if cfg.p2p else None)
 
     def _peer_check(self, calibration: router.Routing, memory: ClientMemory, tau: float) -> dict[str, int]:
         """Would peers have answered the items this client escalates, and how often wrongly?

@@ -28,7 +28,7 @@ from fedhlm_app.app.exchange import Exchange, wait_for_nodes
 from fedhlm_app.app.protocol import Calibrate, Escalation, Feedback, NodeInfo, QueryPolicy, RouteQueries, Train
 from fedhlm_app.app.run_state import Run
 from fedhlm_app.config import RunConfig
-from fedhlm_app.fl.strategy import NodeUpdate, RoundResult
+from fedhlm_app.fl.tiers import NodeUpdate, RoundResult
 from fedhlm_app.fl.updates import UpdateSpec
 from fedhlm_app.oracle.base import EscalationBatch, verify_safely
 from fedhlm_app.routing.p2p import Prototypes, prototypes_changed
@@ -83,7 +83,9 @@ def train_rounds(run: Run, name: str, message_type: str, rounds: int, model: Tra
     for rnd in range(model.done + 1, rounds + 1):
         round_started = time.monotonic()
         # after an edge round each cluster continues from its own model
-        content = {c: Train(model.edge_params.get(c, model.params), rnd).pack() for c in set(run.cluster_of.values())}
+        starts = {c: model.edge_params.get(c, model.params) for c in set(run.cluster_of.values())}
+        asked = run.aggregator.configure(name, rnd, starts, model.params, is_cloud_round(rnd, rounds, run.cfg.cloud_every))
+        content = {c: Train(start, rnd, asked[c]).pack() for c, start in starts.items()}
         replies = run.exchange(name, message_type, {n: content[c] for n, c in run.cluster_of.items()}, rnd)
         result = _aggregate(run, name, rnd, [protocol.node_update(n, r.content) for n, r in replies.items()], spec, rounds)
         if result is not None:
@@ -188,7 +190,10 @@ def threshold_phase(run: Run) -> None:
         p.tau_global = run.cfg.tau_init
     for rnd in range(p.threshold_done + 1, last + 1):
         round_started = time.monotonic()
-        contents = {node: Calibrate(p.tau_edge.get(cluster, p.tau_global), rnd, _prototypes_for(run, node)).pack()
+        starts = {c: p.tau_edge.get(c, p.tau_global) for c in set(run.cluster_of.values())}
+        asked = run.aggregator.configure(THRESHOLD_UPDATE.name, rnd, {c: [np.array([t])] for c, t in starts.items()},
+                                         [np.array([p.tau_global])], is_cloud_round(rnd, last, run.cfg.cloud_every))
+        contents = {node: Calibrate(starts[cluster], rnd, _prototypes_for(run, node), asked[cluster]).pack()
                     for node, cluster in run.cluster_of.items()}
         asked = {n: Escalation.unpack(r.content) for n, r in run.exchange("threshold", protocol.CALIBRATE, contents, rnd).items()}
         feedback = verify(run, "threshold", asked, f"threshold round {rnd}")
@@ -226,9 +231,12 @@ def _warn_if_stuck(run: Run, rnd: int) -> None:
 def _record_threshold_round(run: Run, rnd: int, result: RoundResult, items: int, clients: int, seconds: float) -> None:
     """Keep the round's thresholds (global after a cloud round, per cluster always) and its history row."""
     p = run.progress
-    taus = {c: float(params[0][0]) for c, params in result.aggregate.cluster_params.items()}
+    # A strategy that moves or noises the mean (a server optimizer, differential privacy) can leave [0, 1];
+    # a threshold there means the same as at its end (escalate nothing / everything).
+    tau_of = lambda params: float(np.clip(params[0][0], 0.0, 1.0))  # noqa: E731
+    taus = {c: tau_of(params) for c, params in result.aggregate.cluster_params.items()}
     if result.is_cloud_round:
-        p.tau_global, p.tau_edge = float(result.aggregate.global_params[0][0]), {}
+        p.tau_global, p.tau_edge = tau_of(result.aggregate.global_params), {}
     else:  # a cluster without valid updates this round keeps its threshold
         p.tau_edge.update(taus)
     per_cluster = {str(c): t for c, t in taus.items()}

@@ -12,7 +12,7 @@ from fedhlm_app.app import checkpoint
 from fedhlm_app.app.exchange import Exchange
 from fedhlm_app.app.protocol import ClientMemory, NodeInfo
 from fedhlm_app.config import RunConfig
-from fedhlm_app.fl.strategy import HierarchicalAggregator
+from fedhlm_app.fl.tiers import TieredAggregator
 from fedhlm_app.oracle.base import Oracle
 from fedhlm_app.reporting.ledger import Ledger
 from fedhlm_app.routing.p2p import PeerCoordinator
@@ -26,7 +26,7 @@ class Run:
     exchange: Exchange
     oracle: Oracle
     info: dict[int, NodeInfo]  # node -> what it reported at setup (the nodes that passed it)
-    aggregator: HierarchicalAggregator
+    aggregator: TieredAggregator
     peers: PeerCoordinator | None
     progress: checkpoint.Progress
     checkpoint_path: Path

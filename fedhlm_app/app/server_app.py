@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from logging import INFO
 
+import numpy as np
 from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -20,7 +21,7 @@ from fedhlm_app.app import checkpoint, phases
 from fedhlm_app.app.exchange import Exchange
 from fedhlm_app.app.run_state import Run
 from fedhlm_app.config import RunConfig, validate
-from fedhlm_app.fl.strategy import make_aggregator
+from fedhlm_app.fl.tiers import Tiers
 from fedhlm_app.oracle.base import make_oracle
 from fedhlm_app.reporting.ledger import Ledger
 from fedhlm_app.reporting.results import RunOutcome, write_report
@@ -44,19 +45,21 @@ def main(grid: Grid, context: Context) -> None:
     """Run FedHLM end to end (or on from its checkpoint) and write the report."""
     started, started_epoch = time.monotonic(), time.time()  # the epoch lets bench/ place the app in a launch
     cfg = validate(context.run_config)  # fail fast, before anything loads
+    tiers = Tiers.of(cfg)  # imports a strategy given by path and tries its arguments
+    np.random.seed(cfg.seed)  # Flower's DP wrappers draw their noise from numpy's global generator
     cfg = cfg.replace(run_name=cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))  # fixed now: the checkpoint lives there
     folder = RunFolder.of(cfg)
     log(INFO, "run '%s': results in %s", cfg.run_name, folder.path)
     folder.check_start(cfg)
     with folder.locked():
-        outcome = run(grid, cfg, folder, started, started_epoch)
+        outcome = run(grid, cfg, tiers, folder, started, started_epoch)
     write_report(outcome)
     if cfg.oracle_required and outcome.oracle_never_answered:
         raise RuntimeError(f"the oracle ({cfg.oracle}) never answered: every result is the SLM's (see {folder.path / 'summary.md'}); "
                            "oracle-required = false accepts such a run")
 
 
-def run(grid: Grid, cfg: RunConfig, folder: RunFolder, started: float, started_epoch: float) -> RunOutcome:
+def run(grid: Grid, cfg: RunConfig, tiers: Tiers, folder: RunFolder, started: float, started_epoch: float) -> RunOutcome:
     """The phases in order, from the checkpoint in ``folder`` when resuming."""
     progress = checkpoint.load(folder.checkpoint, cfg) if cfg.resuming else None
     if cfg.resuming:
@@ -74,7 +77,7 @@ def run(grid: Grid, cfg: RunConfig, folder: RunFolder, started: float, started_e
             info = phases.setup(exchange, grid, cfg)
             cluster_of = {n: i.cluster_id for n, i in info.items()}
             peers = PeerCoordinator(cfg.p2p_neighbours, cfg.p2p_neighbour_k, cfg.p2p_cost, cfg.llm_cost) if cfg.p2p else None
-            state = Run(cfg, exchange, oracle, info, make_aggregator(cfg, cluster_of), peers, progress or checkpoint.Progress(),
+            state = Run(cfg, exchange, oracle, info, tiers.aggregator(cluster_of, cfg.min_cluster_clients), peers, progress or checkpoint.Progress(),
                         folder.checkpoint)
             state.restore_server_state()
             state.aggregator.summary()

@@ -405,7 +405,7 @@ def summary_lines(o: RunOutcome, results: dict[str, Any], table: list[str]) -> l
         "",
         *_oracle_warning(results["oracle"]),
         f"{len(results['clients'])} clients in {len(results['clusters'])} clusters, Dirichlet alpha {cfg.dirichlet_alpha}, "
-        f"{len(rounds)} threshold rounds, strategy `{cfg.strategy}`, oracle `{cfg.oracle}`, "
+        f"{len(rounds)} threshold rounds, strategies `{cfg.edge_strategy}` (edge) and `{cfg.cloud_strategy}` (cloud), oracle `{cfg.oracle}`, "
         f"SLM `{cfg.slm_model}`, data `{o.dataset_source}`.",
         "",
         *table,

@@ -56,12 +56,16 @@ class ThresholdConfig:
     local_steps: int = 10
     tau_min: float = 0.0
     tau_max: float = 1.0
+    proximal_mu: float = 0.0  # FedProx: mu/2 (tau - tau_start)^2 keeps tau near where the round started
 
 
 def local_update(tau: float, h: np.ndarray, beta: np.ndarray, cfg: ThresholdConfig, n: int) -> float:
-    """``local_steps`` clipped gradient steps on tau from ``tau``."""
+    """``local_steps`` clipped gradient steps on tau from ``tau`` (plus FedProx's proximal term)."""
+    start, pull = tau, cfg.lr * cfg.proximal_mu
     for _ in range(cfg.local_steps):
-        tau = float(np.clip(tau - cfg.lr * gradient(tau, h, beta, cfg.lam, cfg.kappa, n), cfg.tau_min, cfg.tau_max))
+        # The proximal term is stepped implicitly: an explicit step diverges once lr * mu > 2.
+        stepped = (tau - cfg.lr * gradient(tau, h, beta, cfg.lam, cfg.kappa, n) + pull * start) / (1.0 + pull)
+        tau = float(np.clip(stepped, cfg.tau_min, cfg.tau_max))
     return tau
 
 

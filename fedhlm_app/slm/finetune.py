@@ -38,6 +38,7 @@ class TuningConfig:
     batch_size: int = 32
     lr: float = 5e-5
     max_length: int = 128
+    proximal_mu: float = 0.0  # FedProx: mu/2 ||w - w_start||^2 over the trained layers
 
 
 class EncoderTuner:
@@ -90,7 +91,8 @@ class EncoderTuner:
         return mean_pool(hidden, enc["attention_mask"])  # the featurizer's pooling, so the classifier trains on it
 
     def train(self, texts: list[str], labels: np.ndarray, cfg: TuningConfig, rng: np.random.Generator) -> float:
-        """``cfg.steps`` AdamW steps on length-bucketed batches of the texts; the mean loss."""
+        """``cfg.steps`` AdamW steps on length-bucketed batches of the texts (with FedProx's proximal
+        term when ``cfg.proximal_mu``); the mean cross-entropy."""
         torch = self._torch
         if not texts:
             return 0.0
@@ -99,6 +101,7 @@ class EncoderTuner:
             {"params": list(self.classifier.parameters()), "lr": cfg.lr * CLASSIFIER_LR_SCALE},
         ], weight_decay=0.01)
         batches = length_bucketed_batches([len(t) for t in texts], cfg.batch_size, rng)
+        start = [p.detach().clone() for p in self.trained.values()] if cfg.proximal_mu else None
         losses = []
         # Dropout draws from torch's global generator: seed a private copy of it from ``rng``, so
         # that a seed reproduces a run and the caller's torch state is left as it was.
@@ -109,10 +112,12 @@ class EncoderTuner:
                 idx = batches[step % len(batches)]
                 logits = self.classifier(self._pooled([texts[i] for i in idx], cfg.max_length))
                 loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels[idx], dtype=torch.long))
+                losses.append(loss.item())
+                if start is not None:
+                    loss = loss + cfg.proximal_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(self.trained.values(), start))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                losses.append(loss.item())
             self.model.eval()
         return float(np.mean(losses))
 

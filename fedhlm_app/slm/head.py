@@ -38,6 +38,7 @@ class HeadConfig:
     lr: float = 0.01
     batch_size: int = 64
     l2: float = 1e-4
+    proximal_mu: float = 0.0  # FedProx: mu/2 ||w - w_start||^2 keeps the local model near the one it started from
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class SoftmaxHead:
         return [x.T @ back + l2 * self.params[0], back.sum(axis=0), hidden.T @ err + l2 * self.params[2], err.sum(axis=0)]
 
     def fit(self, x: HeadInputs | np.ndarray, y: np.ndarray, cfg: HeadConfig, rng: np.random.Generator) -> SoftmaxHead:
-        """Mini-batch Adam on cross-entropy + L2, starting from the current weights.
+        """Mini-batch Adam on cross-entropy + L2 (+ FedProx's proximal term), starting from the current weights.
 
         The n-gram weights get lazy Adam: a batch updates (and decays) only the rows
         of the buckets it contains, as torch's SparseAdam does, so a step costs the
@@ -156,15 +157,17 @@ class SoftmaxHead:
         inputs = as_inputs(x)
         adam = Adam(self.params, cfg.lr)
         onehot = np.eye(self.num_classes)[y]
+        start = [p.copy() for p in self.params] if cfg.proximal_mu else None
         for _ in range(cfg.epochs):
             for idx in np.array_split(rng.permutation(len(y)), max(1, len(y) // cfg.batch_size)):
                 grads, ngram_rows = self.batch_gradients(inputs[idx], onehot[idx], cfg.l2)
                 adam.tick()
                 for i, g in enumerate(grads):
-                    adam.update(i, g)
+                    adam.update(i, g if start is None else g + cfg.proximal_mu * (self.params[i] - start[i]))
                 if ngram_rows is not None:
                     rows, g = ngram_rows
-                    adam.update(len(self.params) - 1, g, rows)
+                    last = len(self.params) - 1
+                    adam.update(last, g if start is None else g + cfg.proximal_mu * (self.params[last][rows] - start[last][rows]), rows)
         return self
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from fedhlm_app.config import RunConfig
 from fedhlm_app.data.datasets import Dataset, Split, load_dataset, load_local
 from fedhlm_app.data.partition import calibration_split, cluster_of_partition, partition_clients
+from fedhlm_app.fl.attacks import is_hostile
 from fedhlm_app.paths import cache_dir
 from fedhlm_app.slm.features import EncoderSpec, featurize
 from fedhlm_app.slm.head import HeadInputs, unit_rows
@@ -38,15 +39,18 @@ class Placement:
     num_partitions: int
     cluster_id: int
     data_path: str = ""  # deployment: the node's CSV folder; empty: its partition of the configured dataset
+    hostile: bool = False  # sends poisoned updates (``hostile-clients``; ``fedhlm_app.fl.attacks``)
 
     @staticmethod
     def of(node_config: dict, cfg: RunConfig) -> Placement:
-        """Deployment: ``cluster-id`` (and ``data-path``) from the node config; simulation: the
-        cluster is a rule on the partition id."""
+        """Deployment: ``cluster-id`` (and ``data-path``, ``hostile``) from the node config; simulation:
+        the cluster is a rule on the partition id, and the first ``hostile-clients`` of each are hostile."""
         pid = int(node_config.get("partition-id", 0))
         n = int(node_config.get("num-partitions", cfg.num_clients))
         cluster = int(node_config["cluster-id"]) if "cluster-id" in node_config else cluster_of_partition(pid, n, cfg.num_clusters)
-        return Placement(pid, n, cluster, str(node_config.get("data-path", "")))
+        members = [p for p in range(n) if cluster_of_partition(p, n, cfg.num_clusters) == cluster]
+        hostile = bool(node_config.get("hostile", is_hostile(pid, members, cfg.hostile_clients)))
+        return Placement(pid, n, cluster, str(node_config.get("data-path", "")), hostile)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from fedhlm_app import paths
 from fedhlm_app.config import ConfigError, RunConfig, validate
 from fedhlm_app.data.datasets import DataError, hub_offline, load_local, resolve_data_dir
 from fedhlm_app.data.partition import configured_partitions
+from fedhlm_app.fl.tiers import Tiers
 from fedhlm_app.oracle.base import OracleError, check_backend
 from fedhlm_app.reporting.run_folder import RunFolder, RunFolderError
 from fedhlm_app.slm.features import resolve_model_path
@@ -100,7 +101,8 @@ def resolved_config(presets: list[str], overrides: list[str]) -> RunConfig:
 
 
 def check_everything(cfg: RunConfig) -> None:
-    """What can fail before training, checked now: the data, the SLM, the oracle, the folders."""
+    """What can fail before training, checked now: the strategies, the data, the SLM, the oracle, the folders."""
+    Tiers.of(cfg)
     check_local_data(cfg)
     check_model(cfg)
     try:
@@ -156,7 +158,8 @@ def check_folders(cfg: RunConfig) -> None:
     run_folder.check_unlocked()
 
 
-APP_FILES = ("pyproject.toml", "server_app.py", "client_app.py", "fedhlm_app/**/*.py")
+# examples/: strategies of your own, importable by path (edge-strategy = "examples.module:Class")
+APP_FILES = ("pyproject.toml", "server_app.py", "client_app.py", "fedhlm_app/**/*.py", "examples/**/*.py")
 
 
 def stage_app(dest: Path) -> Path:

@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ def variants(quick: bool) -> dict[str, dict[str, Any]]:
     """Name -> run-config overrides of each federated configuration (per seed)."""
     runs: dict[str, dict[str, Any]] = {
         "hierarchical": {},
-        "flat": {"strategy": "fedavg"},
+        "flat": {"edge-strategy": "none"},
         "local-only": {"personalization-alpha": 0.0},
     }
     for alpha in ALPHAS[:: 3 if quick else 1]:
@@ -465,9 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levers", nargs="+", metavar="LEVER", help="frontier levers to run: names of "
                         f"fedhlm_app.reporting.frontier.LEVERS or 'all' (default: {' '.join(frontier.MINILM_LEVERS)})")
     parser.add_argument("-c", "--run-config", action="append", default=[], help="overrides for every run, e.g. \"max-test-items=500\"")
-    parser.add_argument("--only", choices=["query-shift", "oracle-sensitivity", "validation"],
+    parser.add_argument("--only", choices=list(STUDIES),
                         help="run one study alone: the query-shift sweep (query_shift.md), the oracle sensitivity "
-                             "(oracle_sensitivity.md) or the defaults on validation rows (validation.md)")
+                             "(oracle_sensitivity.md), every strategy preset with and without hostile clients "
+                             "(strategies.md) or the defaults on validation rows (validation.md)")
     parser.add_argument("--classifier", default="", help="oracle-sensitivity: also a classifier checkpoint as the LLM")
     args = parser.parse_args(argv)
     from flwr.common.logger import FLOWER_LOGGER
@@ -655,6 +657,44 @@ def validation_section(base: RunConfig, table: dict[str, dict[str, dict[str, flo
     return lines + [""]
 
 
+STRATEGY_PRESETS = ROOT / "conf" / "strategies"
+HOSTILE_PER_CLUSTER = 2
+
+
+def strategy_variants(base: RunConfig, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every preset of ``conf/strategies/``, as it is and with ``HOSTILE_PER_CLUSTER`` hostile clients per cluster."""
+    runs: dict[str, dict[str, Any]] = {}
+    for preset in sorted(STRATEGY_PRESETS.glob("*.toml")):
+        values = tomllib.loads(preset.read_text())
+        runs[preset.stem] = values
+        runs[f"{preset.stem}-poisoned"] = {**values, "hostile-clients": HOSTILE_PER_CLUSTER}
+    return runs
+
+
+def strategy_rows(base: RunConfig, seed: int, runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    return {name: {"accuracy": r["accuracy"], "llm_rate": r["llm_rate"], "worst_client_accuracy": min(c["accuracy"] for c in r["clients"]),
+                   "training_mb": r["communication"]["training_bytes"] / 1e6, "final_tau": r["final_threshold"]}
+            for name, r in runs.items()}
+
+
+def strategy_section(base: RunConfig, table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    lines = ["## Aggregation strategies, with and without hostile clients", "",
+             f"Each preset of `conf/strategies/` on the main configuration; \"poisoned\": the first {HOSTILE_PER_CLUSTER} clients of "
+             "every cluster (of 5) send, every round, a threshold of 1.0 and their head update reversed and scaled by 10 "
+             "(`hostile-clients`, `fedhlm_app/fl/attacks.py`): valid-looking updates that stop escalation and push the head uphill. "
+             "Training bytes: every message of training, as serialized.", "",
+             "| preset | edge | cloud | accuracy | LLM rate | worst client | training MB | accuracy, poisoned | LLM rate, poisoned | "
+             "worst client, poisoned | learned tau, poisoned |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for preset in sorted(STRATEGY_PRESETS.glob("*.toml")):
+        values = tomllib.loads(preset.read_text())
+        clean, hostile = table[preset.stem], table[f"{preset.stem}-poisoned"]
+        lines.append(f"| {preset.stem} | {values['edge-strategy']} | {values['cloud-strategy']} | {_fmt(clean['accuracy'])} | "
+                     f"{_fmt(clean['llm_rate'])} | {_fmt(clean['worst_client_accuracy'])} | {clean['training_mb']['mean']:.1f} | "
+                     f"{_fmt(hostile['accuracy'])} | {_fmt(hostile['llm_rate'])} | {_fmt(hostile['worst_client_accuracy'])} | "
+                     f"{_fmt(hostile['final_tau'], False)} |")
+    return lines + [""]
+
+
 @dataclass(frozen=True)
 class Study:
     """A study that ``--only`` runs alone: its runs, its per-seed rows, their combination and its report section."""
@@ -673,6 +713,8 @@ STUDIES = {
     "oracle-sensitivity": Study("oracle_sensitivity", "FedHLM oracle sensitivity", lambda base, args: oracle_variants(args.classifier),
                                 lambda base, seed, runs: oracle_rows(runs), lambda per_seed: _table_stats(per_seed),
                                 lambda base, table: oracle_section(table)),
+    "strategies": Study("strategies", "FedHLM aggregation strategies", strategy_variants, strategy_rows,
+                        lambda per_seed: _table_stats(per_seed), strategy_section),
     "validation": Study("validation", "FedHLM defaults on validation rows", lambda base, args: validation_variants(base),
                         validation_rows, lambda per_seed: _table_stats(per_seed),
                         lambda base, table: validation_section(base, table) + prior_bound_section(table)),

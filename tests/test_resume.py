@@ -100,7 +100,7 @@ def test_same_seed_same_partitions_thresholds_and_metrics(runs):
 def test_resuming_with_another_config_is_refused_by_name(runs, tiny_bert):
     tmp, _, _, _ = runs
     changed = validate(_config(tmp, tiny_bert, "broken", kappa=10.0, resume=True))
-    with pytest.raises(checkpoint.CheckpointError, match=r"kappa: 40.0 -> 10.0"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"kappa: 20.0 -> 10.0"):
         checkpoint.load(tmp / "results" / "broken" / checkpoint.CHECKPOINT_FILE, changed)
 
 

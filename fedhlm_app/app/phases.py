@@ -84,8 +84,8 @@ def train_rounds(run: Run, name: str, message_type: str, rounds: int, model: Tra
         round_started = time.monotonic()
         # after an edge round each cluster continues from its own model
         starts = {c: model.edge_params.get(c, model.params) for c in set(run.cluster_of.values())}
-        asked = run.aggregator.configure(name, rnd, starts, model.params, is_cloud_round(rnd, rounds, run.cfg.cloud_every))
-        content = {c: Train(start, rnd, asked[c]).pack() for c, start in starts.items()}
+        round_config = run.aggregator.configure(name, rnd, starts, model.params, is_cloud_round(rnd, rounds, run.cfg.cloud_every))
+        content = {c: Train(start, rnd, round_config[c]).pack() for c, start in starts.items()}
         replies = run.exchange(name, message_type, {n: content[c] for n, c in run.cluster_of.items()}, rnd)
         result = _aggregate(run, name, rnd, [protocol.node_update(n, r.content) for n, r in replies.items()], spec, rounds)
         if result is not None:
@@ -191,9 +191,9 @@ def threshold_phase(run: Run) -> None:
     for rnd in range(p.threshold_done + 1, last + 1):
         round_started = time.monotonic()
         starts = {c: p.tau_edge.get(c, p.tau_global) for c in set(run.cluster_of.values())}
-        asked = run.aggregator.configure(THRESHOLD_UPDATE.name, rnd, {c: [np.array([t])] for c, t in starts.items()},
-                                         [np.array([p.tau_global])], is_cloud_round(rnd, last, run.cfg.cloud_every))
-        contents = {node: Calibrate(starts[cluster], rnd, _prototypes_for(run, node), asked[cluster]).pack()
+        round_config = run.aggregator.configure(THRESHOLD_UPDATE.name, rnd, {c: [np.array([t])] for c, t in starts.items()},
+                                                [np.array([p.tau_global])], is_cloud_round(rnd, last, run.cfg.cloud_every))
+        contents = {node: Calibrate(starts[cluster], rnd, _prototypes_for(run, node), round_config[cluster]).pack()
                     for node, cluster in run.cluster_of.items()}
         asked = {n: Escalation.unpack(r.content) for n, r in run.exchange("threshold", protocol.CALIBRATE, contents, rnd).items()}
         feedback = verify(run, "threshold", asked, f"threshold round {rnd}")

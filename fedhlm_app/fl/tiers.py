@@ -18,6 +18,8 @@ model. They are plain objects and travel in the checkpoint (``state``).
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp.strategy import Strategy
 
 from fedhlm_app.config import ConfigError, RunConfig
@@ -102,6 +105,19 @@ class TierMembers:
         return list(self.members)
 
 
+@contextmanager
+def _quiet_strategy() -> Iterator[None]:
+    """Flower's strategies log every call at INFO ("configure_train: Sampled 2 nodes", "aggregate_train:
+    Received 2 results"): here one line per cluster, model and round, about a sampling that does not
+    happen. Their warnings still show."""
+    level = FLOWER_LOGGER.level
+    FLOWER_LOGGER.setLevel(max(level, WARNING))
+    try:
+        yield
+    finally:
+        FLOWER_LOGGER.setLevel(level)
+
+
 def _configure(strategy: Strategy, where: str, rnd: int, params: Params, members: list[int]) -> dict[str, Any]:
     """Run the strategy's ``configure_train`` on the model the round starts from; the config it would send.
 
@@ -114,7 +130,8 @@ def _configure(strategy: Strategy, where: str, rnd: int, params: Params, members
             raise ValueError(f"{where}: needs {needed} members, its tier has {len(members)}; "
                              "lower its min_available_nodes / min_train_nodes")
         layer = getattr(layer, "strategy", None)
-    messages = list(strategy.configure_train(rnd, arrays_record(params), ConfigRecord(), TierMembers(members)))
+    with _quiet_strategy():
+        messages = list(strategy.configure_train(rnd, arrays_record(params), ConfigRecord(), TierMembers(members)))
     if not messages:
         return {}
     config = next(iter(messages[0].content.config_records.values()), ConfigRecord())
@@ -123,7 +140,8 @@ def _configure(strategy: Strategy, where: str, rnd: int, params: Params, members
 
 def _reduce(strategy: Strategy, rnd: int, replies: list[tuple[Params, dict[str, Any]]]) -> Params | None:
     """The strategy's own ``aggregate_train`` over ``replies``; None when it declines to aggregate."""
-    arrays, _ = strategy.aggregate_train(rnd, [as_reply(i, params, metrics) for i, (params, metrics) in enumerate(replies)])
+    with _quiet_strategy():
+        arrays, _ = strategy.aggregate_train(rnd, [as_reply(i, params, metrics) for i, (params, metrics) in enumerate(replies)])
     return None if arrays is None else record_arrays(arrays)
 
 

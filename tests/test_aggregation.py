@@ -193,4 +193,6 @@ def test_client_side_clipping_bounds_the_update_and_reports_the_norm_bit():
     small: dict = {}
     assert RoundConfig(clipping_norm=100.0).clipped(trained, start, small)[1][0] == 4.0 and small == {"norm_bit": 0}
     assert RoundConfig().clipped(trained, start, {}) is trained
+    unmoved: dict = {}  # a client whose training did not move the model (a threshold at its fixed point)
+    assert RoundConfig(clipping_norm=1.0).clipped([s.copy() for s in start], start, unmoved)[0].sum() == 0 and unmoved == {"norm_bit": 0}
     assert RoundConfig.of(RoundConfig(0.5, 2.0).as_config()) == RoundConfig(0.5, 2.0)

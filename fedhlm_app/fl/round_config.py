@@ -43,6 +43,9 @@ class RoundConfig:
         ``metrics`` gets the norm bit."""
         if self.clipping_norm is None:
             return params
+        if not any(np.any(p != s) for p, s in zip(params, start)):  # no update (Flower's clipping divides by its norm)
+            metrics[KEY_NORM_BIT] = 0
+            return params
         clipped = [np.array(p, dtype=np.float64 if p.dtype.kind != "f" else p.dtype) for p in params]
         norm_bit = compute_adaptive_clip_model_update(clipped, [np.asarray(s) for s in start], self.clipping_norm)
         metrics[KEY_NORM_BIT] = int(norm_bit)

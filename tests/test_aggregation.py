@@ -199,3 +199,16 @@ def test_client_side_clipping_bounds_the_update_and_reports_the_norm_bit():
     unmoved: dict = {}  # a client whose training did not move the model (a threshold at its fixed point)
     assert RoundConfig(clipping_norm=1.0).clipped([s.copy() for s in start], start, unmoved)[0].sum() == 0 and unmoved == {"norm_bit": 0}
     assert RoundConfig.of(RoundConfig(0.5, 2.0).as_config()) == RoundConfig(0.5, 2.0)
+
+
+def test_a_failing_strategy_leaves_the_model_as_it_was(caplog):
+    """Flower's server-side DP clipping divides by each update's norm: an update that did not move
+    (every client's threshold stayed where it was) makes it fail; the round keeps the model."""
+    args = _toml(CASES["DifferentialPrivacyServerSideFixedClipping"])
+    aggregator = _tiers("none", "DifferentialPrivacyServerSideFixedClipping", cloud_args=args).aggregator({1: 0, 2: 0}, 1)
+    tau = UpdateSpec("threshold", ((1,),))
+    aggregator.configure("threshold", 1, {}, [np.array([1.0])])
+    with caplog.at_level("WARNING"):
+        result = aggregator.aggregate(1, [NodeUpdate(n, [np.array([1.0])], {"num-examples": 10}) for n in (1, 2)], tau)
+    assert result is None
+    assert "DifferentialPrivacyServerSideFixedClipping' failed (ZeroDivisionError" in caplog.text

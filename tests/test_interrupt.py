@@ -17,7 +17,9 @@ from fedhlm_app.tools.inprocess import run_inprocess
 from fedhlm_app.tools.launch import merged_config, with_default_paths
 from helpers import ROOT
 
-ROUNDS = 150  # smoke rounds take tenths of a second: enough that the signal lands mid-training
+# Once the smoke run's thresholds settle, a round takes about a tenth of a second, and the launcher
+# streams the run's log in batches: enough rounds that the signal lands mid-training on a busy machine.
+ROUNDS = 600
 
 
 def _launch(tmp_path, *overrides: str) -> subprocess.Popen:

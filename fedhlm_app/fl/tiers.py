@@ -138,10 +138,18 @@ def _configure(strategy: Strategy, where: str, rnd: int, params: Params, members
     return {k: v for k, v in config.items() if k != "server-round"}
 
 
-def _reduce(strategy: Strategy, rnd: int, replies: list[tuple[Params, dict[str, Any]]]) -> Params | None:
-    """The strategy's own ``aggregate_train`` over ``replies``; None when it declines to aggregate."""
-    with _quiet_strategy():
-        arrays, _ = strategy.aggregate_train(rnd, [as_reply(i, params, metrics) for i, (params, metrics) in enumerate(replies)])
+def _reduce(strategy: Strategy, where: str, rnd: int, replies: list[tuple[Params, dict[str, Any]]]) -> Params | None:
+    """The strategy's own ``aggregate_train`` over ``replies``; None when it declines to aggregate or fails.
+
+    A failing strategy leaves the model as it was rather than ending the run: Flower 1.42's
+    server-side DP clipping, for one, divides by the norm of each update and fails on an update
+    that did not move (a threshold that stayed at 1.0)."""
+    try:
+        with _quiet_strategy():
+            arrays, _ = strategy.aggregate_train(rnd, [as_reply(i, params, metrics) for i, (params, metrics) in enumerate(replies)])
+    except Exception as exc:  # noqa: BLE001 (any strategy's code, a user's included)
+        log(WARNING, "round %d: %s failed (%s: %s); its model stays as it was", rnd, where, type(exc).__name__, exc)
+        return None
     return None if arrays is None else record_arrays(arrays)
 
 
@@ -229,14 +237,16 @@ class TieredAggregator:
             by_cluster[self.cluster_of[u.node]].append(u)
         weights = {c: float(sum(u.metrics[WEIGHT_KEY] for u in members)) for c, members in sorted(by_cluster.items())}
         if not self.is_hierarchical:
-            global_params = _reduce(self._cloud(model), server_round, [(u.params, u.metrics) for u in valid])
+            global_params = _reduce(self._cloud(model), f"the {model} strategy '{self.names[1]}'", server_round,
+                                    [(u.params, u.metrics) for u in valid])
             if global_params is None:
                 return None
             aggregate = Aggregate(global_params, {c: global_params for c in weights}, weights)
         else:
             cluster_params = {}
             for cluster, members in sorted(by_cluster.items()):
-                params = _reduce(self._edge(model, cluster), server_round, [(u.params, u.metrics) for u in members])
+                params = _reduce(self._edge(model, cluster), f"the {model} edge strategy '{self.names[0]}' of cluster {cluster}",
+                                 server_round, [(u.params, u.metrics) for u in members])
                 if params is None:
                     log(WARNING, "round %d: the edge strategy of cluster %d did not aggregate; it keeps its model", server_round, cluster)
                     continue
@@ -248,7 +258,7 @@ class TieredAggregator:
             if cloud:
                 edge_replies = [(cluster_params[c], {**weighted_metrics([u.metrics for u in by_cluster[c]]), WEIGHT_KEY: weights[c]})
                                 for c in cluster_params]
-                global_params = _reduce(self._cloud(model), server_round, edge_replies)
+                global_params = _reduce(self._cloud(model), f"the {model} cloud strategy '{self.names[1]}'", server_round, edge_replies)
             aggregate = Aggregate(global_params, cluster_params, weights)
         return RoundResult(aggregate, weighted_metrics([u.metrics for u in valid]))
 

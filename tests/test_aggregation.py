@@ -212,3 +212,12 @@ def test_a_failing_strategy_leaves_the_model_as_it_was(caplog):
         result = aggregator.aggregate(1, [NodeUpdate(n, [np.array([1.0])], {"num-examples": 10}) for n in (1, 2)], tau)
     assert result is None
     assert "DifferentialPrivacyServerSideFixedClipping' failed (ZeroDivisionError" in caplog.text
+
+
+def test_a_server_optimizer_keeps_the_models_dtype():
+    aggregator = _tiers("FedAvg", "FedAdam", cloud_args="{eta = 0.1}").aggregator({1: 0, 2: 1}, 1)
+    for rnd in (1, 2):
+        aggregator.configure("head", rnd, {}, [np.zeros((3, 2), np.float32), np.zeros(2, np.float32)])
+        replies = [NodeUpdate(n, [p.astype(np.float32) for p in params], m) for n, (params, m) in zip((1, 2), _replies(rnd, 2))]
+        result = aggregator.aggregate(rnd, replies, MODEL).aggregate
+        assert [a.dtype for a in result.global_params] == [np.float32, np.float32]  # Flower's FedAdam returns float64

@@ -150,7 +150,10 @@ def _reduce(strategy: Strategy, where: str, rnd: int, replies: list[tuple[Params
     except Exception as exc:  # noqa: BLE001 (any strategy's code, a user's included)
         log(WARNING, "round %d: %s failed (%s: %s); its model stays as it was", rnd, where, type(exc).__name__, exc)
         return None
-    return None if arrays is None else record_arrays(arrays)
+    if arrays is None:
+        return None
+    # in the replies' dtypes: a server optimizer computes in float64 and would double a float32 head on the wire
+    return [a.astype(r.dtype, copy=False) for a, r in zip(record_arrays(arrays), replies[0][0])]
 
 
 class TieredAggregator:

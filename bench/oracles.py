@@ -1,6 +1,7 @@
 """Oracle backends side by side, and the oracle service's dynamic batching against one request at a time.
 
     python bench/oracles.py [--items 200] [--classifier models/cloud-minilm] [--backends labels,remote,classifier,causal-lm,openai]
+    python bench/oracles.py --backends causal-lm,causal-lm-whole --service none   # prefix caching against whole prompts
     python bench/oracles.py --backends none --service classifier --callers 16   # the service section alone
 
 Every backend answers the same first ``--items`` test texts from a cold answer
@@ -9,6 +10,8 @@ cache (a fresh temporary folder), one batch as the ServerApp would send it:
 - ``remote``: the labels backend behind FedHLM's oracle service on loopback (HTTP cost only);
 - ``classifier``: the checkpoint given by ``--classifier`` (``python -m fedhlm_app.oracle.train_classifier``);
 - ``causal-lm``: SmolLM2-135M-Instruct scoring the label words (``--few-shot`` examples per class);
+- ``causal-lm-whole``: the same, without prefix caching (every prompt run whole), with the
+  speed ratio and the largest q difference to ``causal-lm`` when both run;
 - ``openai``: SmolLM2 behind ``transformers serve`` (a real OpenAI-compatible server) on loopback.
 Accuracy is argmax q against the labels (items without an answer count as wrong);
 throughput excludes model loading.
@@ -68,7 +71,7 @@ def main() -> int:
     base.update({"cache-dir": str(work / "cache"), "oracle-few-shot": args.few_shot, "oracle-batch-size": 16})
     probs = np.full((len(texts), data.num_classes), 1 / data.num_classes)
     batch = EscalationBatch(np.arange(len(texts)), texts, probs, np.zeros(len(texts), np.int64))
-    rows, cleanup = [], []
+    rows, cleanup, answers = [], [], {}
     for name in backends:
         cfg = dict(base, oracle=name)
         label = name
@@ -84,8 +87,9 @@ def main() -> int:
             if record.is_file():
                 r = json.loads(record.read_text())
                 label = f"classifier ({r['base']} fine-tuned: {r['train_items']} texts, {r['epochs']} epoch)"
-        elif name == "causal-lm":
-            cfg["oracle-model"], label = "smollm2", f"causal-lm (SmolLM2-135M-Instruct, {args.few_shot}-shot per class)"
+        elif name in ("causal-lm", "causal-lm-whole"):
+            cfg.update({"oracle": "causal-lm", "oracle-model": "smollm2"})
+            label = f"{name} (SmolLM2-135M-Instruct, {args.few_shot}-shot per class)"
         elif name == "openai":
             from fedhlm_app.oracle.causal_lm import export_hf_folder, serve_openai_compatible
 
@@ -96,6 +100,8 @@ def main() -> int:
             label = f"openai (SmolLM2 behind transformers serve, {args.few_shot}-shot per class)"
         started = time.perf_counter()
         oracle = make_oracle(validate(cfg), data)
+        if name == "causal-lm-whole":
+            oracle.prefix_caching = False
         loaded = time.perf_counter()
         result = verify_safely(oracle, batch)
         seconds = time.perf_counter() - loaded
@@ -108,6 +114,7 @@ def main() -> int:
             "texts_per_s": len(texts) / seconds, "load_s": loaded - started, "http_bytes": traffic.sent + traffic.received,
             "soft_q": bool(np.any((q[answered] > 0) & (q[answered] < 1))), "failure": result.failure,
         })
+        answers[name] = (q, rows[-1]["texts_per_s"])
         print(f"{label}: accuracy {rows[-1]['accuracy']:.3f}, {rows[-1]['texts_per_s']:.2f} texts/s", flush=True)
         oracle.close()
     for stop in cleanup:
@@ -119,6 +126,10 @@ def main() -> int:
     for r in rows:
         print(f"| {r['backend']} | {r['accuracy']:.3f} | {r['answered']} | {r['texts_per_s']:.2f} | {r['load_s']:.1f} | "
               f"{'soft' if r['soft_q'] else 'one-hot'} | {r['http_bytes']:,} |")
+    if "causal-lm" in answers and "causal-lm-whole" in answers:
+        (cached, cached_speed), (whole, whole_speed) = answers["causal-lm"], answers["causal-lm-whole"]
+        print(f"\ncausal-lm prefix caching / whole prompts: {cached_speed / whole_speed:.2f}x texts/s, "
+              f"max abs q difference {np.abs(cached - whole).max():.1e}, same argmax on {(cached.argmax(1) == whole.argmax(1)).mean():.1%}")
     if batching:
         print(f"\n| oracle service ({batching[0]['backend']}; {args.callers} callers, {args.request_items} texts per request) "
               "| texts/s | model calls | requests per call | max abs q difference |")

@@ -79,6 +79,10 @@ def test_causal_lm_backend_gives_a_soft_distribution_over_labels(dataset, tmp_pa
     assert q.shape == (N_ITEMS, dataset.num_classes) and is_distribution(q).all()
     assert np.all(q.max(axis=1) < 1.0)  # a real softmax, not a label
     assert np.allclose(oracle.compute(dataset.test.texts[:2]), q[:2], atol=1e-6)  # deterministic
+    prefix, _ = oracle._prefix()
+    assert len(prefix) > 50  # the instruction and examples: computed once, shared by every prompt
+    oracle.prefix_caching = False  # every prompt run whole, left-padded: the same distributions
+    assert np.allclose(oracle.compute(dataset.test.texts[:N_ITEMS]), q, atol=1e-5)
     # cached on disk: a fresh store over the same folder answers without the model
     from fedhlm_app.slm.features import FeatureStore
 

@@ -471,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(oracle_sensitivity.md), every strategy preset with and without hostile clients "
                              "(strategies.md) or the defaults on validation rows (validation.md)")
     parser.add_argument("--classifier", default="", help="oracle-sensitivity: also a classifier checkpoint as the LLM")
+    parser.add_argument("--causal-lm", default="", metavar="MODEL",
+                        help="oracle-sensitivity: also a causal LM as the LLM (smollm2, gemma3, a .gguf file or a checkpoint folder)")
     args = parser.parse_args(argv)
     from flwr.common.logger import FLOWER_LOGGER
 
@@ -510,20 +512,22 @@ def main(argv: list[str] | None = None) -> int:
 SENSITIVITY_ACCURACIES = [0.95, 0.9, 0.8]
 
 
-def oracle_variants(classifier: str) -> dict[str, dict[str, Any]]:
+def oracle_variants(classifier: str, causal_lm: str) -> dict[str, dict[str, Any]]:
     """The main configuration with LLMs of decreasing quality."""
     runs: dict[str, dict[str, Any]] = {"hierarchical": {}}
     for accuracy in SENSITIVITY_ACCURACIES:
         runs[f"noisy-{accuracy}"] = {"oracle": "noisy-labels", "oracle-accuracy": accuracy}
     if classifier:
         runs["classifier"] = {"oracle": "classifier", "oracle-model": classifier}
+    if causal_lm:
+        runs["causal-lm"] = {"oracle": "causal-lm", "oracle-model": causal_lm}
     return runs
 
 
 def oracle_rows(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per LLM: its own accuracy (cloud-only), the learned threshold, LLM use and the hybrid's accuracy."""
     names = {"hierarchical": "labels (ground truth)", **{f"noisy-{a}": f"noisy labels, {a:.0%} right" for a in SENSITIVITY_ACCURACIES},
-             "classifier": "classifier (MiniLM fine-tuned)"}
+             "classifier": "classifier (MiniLM fine-tuned)", "causal-lm": "causal LM (few-shot prompt)"}
     return {names[name]: {
         "llm_accuracy": r["baselines"]["cloud_only"]["accuracy"], "slm_accuracy": r["baselines"]["slm_only"]["accuracy"],
         "final_tau": r["final_threshold"], "llm_rate": r["llm_rate"], "training_llm_items": r["llm_use"]["training_items"],
@@ -710,7 +714,7 @@ class Study:
 STUDIES = {
     "query-shift": Study("query_shift", "FedHLM query-shift sweep", lambda base, args: {"hierarchical": {}, **shift_variants(args.quick)},
                          query_shift_rows, combine_query_shift, lambda base, table: query_shift_section(table)),
-    "oracle-sensitivity": Study("oracle_sensitivity", "FedHLM oracle sensitivity", lambda base, args: oracle_variants(args.classifier),
+    "oracle-sensitivity": Study("oracle_sensitivity", "FedHLM oracle sensitivity", lambda base, args: oracle_variants(args.classifier, args.causal_lm),
                                 lambda base, seed, runs: oracle_rows(runs), lambda per_seed: _table_stats(per_seed),
                                 lambda base, table: oracle_section(table)),
     "strategies": Study("strategies", "FedHLM aggregation strategies", strategy_variants, strategy_rows,
@@ -737,7 +741,8 @@ def study_only(base: RunConfig, args: argparse.Namespace, out: Path) -> int:
     table = study.combine(per_seed)
     wall = time.monotonic() - started
     seeds = " ".join(str(s) for s in args.seeds)
-    extra = f" --classifier {args.classifier}" if args.classifier else ""
+    extra = "".join(f" --{flag} {value}" for flag, value in (("classifier", args.classifier), ("causal-lm", args.causal_lm)) if value)
+    extra += "".join(f' -c "{override}"' for override in args.run_config)
     lines = [f"# {study.title}", "", f"Seeds {seeds}; mean ± standard deviation over the seeds, in percent unless marked; "
              f"{len(runs_cfg)} federated runs per seed, {wall / 60:.1f} min. Reproduce with "
              f"`python -m fedhlm_app.tools.experiments --only {args.only} --seeds {seeds}{extra}`.", "", *study.section(base, table)]

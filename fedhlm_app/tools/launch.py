@@ -250,7 +250,7 @@ def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
 
 
 class Interrupted(KeyboardInterrupt):
-    """The launcher got SIGTERM (SIGINT raises KeyboardInterrupt itself)."""
+    """The launcher got SIGINT or SIGTERM."""
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
@@ -332,14 +332,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_only:
         print("fedhlm: config, data, models, oracle and folders OK")
         return 0
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    # SIGINT too, explicitly: a process started as a background job (`cmd &` in a script, as CI runners
+    # do) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_interrupted)
     try:
         status = run_simulation(cfg, Path(args.flwr_home).resolve(), args.cpus_per_client)
     except KeyboardInterrupt as exc:
-        print(f"fedhlm: interrupted ({exc.args[0] if exc.args else 'SIGINT'}); the run and its processes were stopped. The checkpoint of the last "
+        signum = signal.Signals[exc.args[0]] if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"fedhlm: interrupted ({signum.name}); the run and its processes were stopped. The checkpoint of the last "
               f"completed round is {RunFolder.of(cfg).checkpoint}: continue with -c \"run-name='{cfg.run_name}' resume=true\"",
               file=sys.stderr, flush=True)
-        return 130 if not isinstance(exc, Interrupted) else 143
+        return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     print(f"fedhlm: run status {status}")
     return 0 if status == "finished:completed" else 1
 

@@ -221,3 +221,28 @@ def test_a_server_optimizer_keeps_the_models_dtype():
         replies = [NodeUpdate(n, [p.astype(np.float32) for p in params], m) for n, (params, m) in zip((1, 2), _replies(rnd, 2))]
         result = aggregator.aggregate(rnd, replies, MODEL).aggregate
         assert [a.dtype for a in result.global_params] == [np.float32, np.float32]  # Flower's FedAdam returns float64
+
+
+@pytest.mark.parametrize("name", ["Bulyan", "QFedAvg"])
+def test_strategies_that_collect_garbage_per_reply_do_not_walk_the_whole_heap(name):
+    """Bulyan and QFedAvg run gc.collect() for every reply they decode; the tiers freeze the heap around
+    the call, so each collection sees only the objects the aggregation made (not the model, the data...)."""
+    import gc
+
+    heap = [[i] for i in range(200_000)]  # stands for a ServerApp's objects
+    aggregator = _tiers("none", name, cloud_args=_toml(CASES[name])).aggregator({n: 0 for n in range(7)}, 1)
+    aggregator.configure("head", 1, {}, [np.zeros((3, 2)), np.zeros(2)])
+    seen: list[int] = []
+
+    def count(phase, info):
+        if phase == "stop" and info["generation"] == 2:
+            seen.append(len(gc.get_objects()))
+
+    gc.callbacks.append(count)
+    try:
+        result = aggregator.aggregate(1, [NodeUpdate(n, p, m) for n, (p, m) in enumerate(_replies(1))], MODEL)
+    finally:
+        gc.callbacks.remove(count)
+    assert result is not None and seen  # it aggregated, and it did collect
+    assert max(seen) < len(heap) / 10  # gc.get_objects() lists the generations a collection walks, not the frozen heap
+    assert gc.get_freeze_count() == 0  # the heap is collectable again afterwards

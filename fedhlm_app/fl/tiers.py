@@ -17,6 +17,7 @@ model. They are plain objects and travel in the checkpoint (``state``).
 
 from __future__ import annotations
 
+import gc
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -118,6 +119,23 @@ def _quiet_strategy() -> Iterator[None]:
         FLOWER_LOGGER.setLevel(level)
 
 
+@contextmanager
+def _collections_skip_the_heap() -> Iterator[None]:
+    """Flower's Bulyan and QFedAvg decode each reply with ``to_numpy_ndarrays(keep_input=False)``, which
+    runs a full ``gc.collect()`` per reply: over a ServerApp's heap (a model, its data, the clients' in a
+    simulation) that made a Bulyan or QFedAvg run of the main configuration take about 230 s instead
+    of 17. Freezing the heap for the call (``gc.freeze``: O(1)) leaves those collections only the
+    objects the aggregation itself creates."""
+    if gc.get_freeze_count():  # someone else froze objects: leave their freeze alone
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _configure(strategy: Strategy, where: str, rnd: int, params: Params, members: list[int]) -> dict[str, Any]:
     """Run the strategy's ``configure_train`` on the model the round starts from; the config it would send.
 
@@ -145,7 +163,7 @@ def _reduce(strategy: Strategy, where: str, rnd: int, replies: list[tuple[Params
     server-side DP clipping, for one, divides by the norm of each update and fails on an update
     that did not move (a threshold that stayed at 1.0)."""
     try:
-        with _quiet_strategy():
+        with _quiet_strategy(), _collections_skip_the_heap():
             arrays, _ = strategy.aggregate_train(rnd, [as_reply(i, params, metrics) for i, (params, metrics) in enumerate(replies)])
     except Exception as exc:  # noqa: BLE001 (any strategy's code, a user's included)
         log(WARNING, "round %d: %s failed (%s: %s); its model stays as it was", rnd, where, type(exc).__name__, exc)

@@ -1,12 +1,12 @@
-"""Aggregation benchmark: Flower strategies called through FedHLM's tiers, with and without the frozen heap.
+"""Aggregation benchmark: Flower strategies called through FedHLM's tiers, with and without their forced collections.
 
     python bench/aggregation.py [--heap-objects 3000000] [--replies 5] [--calls 20]
 
 Flower's Bulyan and QFedAvg decode every reply with ``ArrayRecord.to_numpy_ndarrays(keep_input=False)``,
 which runs a full ``gc.collect()`` per reply; a collection walks every tracked object of the process.
 A ServerApp's process holds many (the model, the dataset, in a simulation the clients' data too),
-so ``fedhlm_app.fl.tiers`` freezes the heap around each ``aggregate_train`` (``gc.freeze``) and the
-collections see only the objects the aggregation made. This script builds a heap of
+so ``fedhlm_app.fl.tiers`` skips those calls for the strategy's ``aggregate_train`` (the decoded
+arrays are freed by reference counting all the same). This script builds a heap of
 ``--heap-objects`` small tracked objects, then times the same rounds both ways in one process
 (threshold-sized arrays: the cost is the collections, not the arithmetic) and checks that they
 aggregate to the same arrays. Writes bench/results/aggregation.json.
@@ -32,11 +32,11 @@ from fedhlm_app.tools.inprocess import ensure_task_identity  # noqa: E402
 STRATEGIES = {"Bulyan": {"num_malicious_nodes": 0}, "QFedAvg": {"client_learning_rate": 0.01}, "FedAvg": {}}
 
 
-def time_rounds(name: str, replies: list, calls: int, frozen: bool) -> tuple[float, list[np.ndarray]]:
+def time_rounds(name: str, replies: list, calls: int, skipping: bool) -> tuple[float, list[np.ndarray]]:
     """Milliseconds per round (``configure_train`` then ``aggregate_train``, as the tiers call them), and the last result."""
-    freeze = tiers._collections_skip_the_heap
-    if not frozen:
-        tiers._collections_skip_the_heap = contextlib.nullcontext
+    skip = tiers._without_forced_collections
+    if not skipping:
+        tiers._without_forced_collections = contextlib.nullcontext
     try:
         strategy = strategies.build(name, STRATEGIES[name], replies=len(replies))
         started = time.perf_counter()
@@ -45,7 +45,7 @@ def time_rounds(name: str, replies: list, calls: int, frozen: bool) -> tuple[flo
             result = tiers._reduce(strategy, "bench", rnd, replies)
         return (time.perf_counter() - started) / calls * 1000, result
     finally:
-        tiers._collections_skip_the_heap = freeze
+        tiers._without_forced_collections = skip
 
 
 def main() -> int:
@@ -61,15 +61,15 @@ def main() -> int:
     replies = [([rng.normal(size=1).astype(np.float32)], {"num-examples": 10, "train_loss": 0.5}) for _ in range(args.replies)]
     rows = []
     for name in STRATEGIES:
-        plain_ms, plain = time_rounds(name, replies, args.calls, frozen=False)
-        frozen_ms, frozen = time_rounds(name, replies, args.calls, frozen=True)
-        same = all(np.array_equal(a, b) for a, b in zip(plain, frozen))
-        rows.append({"strategy": name, "heap_ms": plain_ms, "frozen_ms": frozen_ms, "ratio": plain_ms / frozen_ms, "same_arrays": same})
-    print(f"| strategy ({args.replies} replies, heap of {len(heap):,} objects) | ms per round, heap walked | "
-          "ms, heap frozen | ratio | same arrays |")
+        plain_ms, plain = time_rounds(name, replies, args.calls, skipping=False)
+        skipped_ms, skipped = time_rounds(name, replies, args.calls, skipping=True)
+        same = all(np.array_equal(a, b) for a, b in zip(plain, skipped))
+        rows.append({"strategy": name, "collecting_ms": plain_ms, "skipping_ms": skipped_ms, "ratio": plain_ms / skipped_ms, "same_arrays": same})
+    print(f"| strategy ({args.replies} replies, heap of {len(heap):,} objects) | ms per round, Flower's collections | "
+          "ms, collections skipped | ratio | same arrays |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['strategy']} | {r['heap_ms']:.1f} | {r['frozen_ms']:.2f} | {r['ratio']:.0f}x | {r['same_arrays']} |")
+        print(f"| {r['strategy']} | {r['collecting_ms']:.1f} | {r['skipping_ms']:.2f} | {r['ratio']:.0f}x | {r['same_arrays']} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"heap_objects": args.heap_objects, "replies": args.replies, "rows": rows}, indent=2) + "\n")
     return 0

@@ -120,20 +120,19 @@ def _quiet_strategy() -> Iterator[None]:
 
 
 @contextmanager
-def _collections_skip_the_heap() -> Iterator[None]:
+def _without_forced_collections() -> Iterator[None]:
     """Flower's Bulyan and QFedAvg decode each reply with ``to_numpy_ndarrays(keep_input=False)``, which
-    runs a full ``gc.collect()`` per reply: over a ServerApp's heap (a model, its data, the clients' in a
-    simulation) that made a Bulyan or QFedAvg run of the main configuration take about 230 s instead
-    of 17. Freezing the heap for the call (``gc.freeze``: O(1)) leaves those collections only the
-    objects the aggregation itself creates."""
-    if gc.get_freeze_count():  # someone else froze objects: leave their freeze alone
-        yield
-        return
-    gc.freeze()
+    calls ``gc.collect()`` per reply: a full collection walks the whole heap of a ServerApp (a model, its
+    data, in a simulation the clients' too), and a Bulyan or QFedAvg run of the main configuration took
+    about 230 s instead of 20. Those calls are skipped for the strategy's call: the decoded arrays are
+    freed by reference counting all the same, and Python's own collections keep running. (Freezing
+    the heap instead, ``gc.freeze``, left cycles uncollected: 0.43 GB more per run.)"""
+    collect = gc.collect
+    gc.collect = lambda generation=2: 0
     try:
         yield
     finally:
-        gc.unfreeze()
+        gc.collect = collect
 
 
 def _configure(strategy: Strategy, where: str, rnd: int, params: Params, members: list[int]) -> dict[str, Any]:
@@ -163,7 +162,7 @@ def _reduce(strategy: Strategy, where: str, rnd: int, replies: list[tuple[Params
     server-side DP clipping, for one, divides by the norm of each update and fails on an update
     that did not move (a threshold that stayed at 1.0)."""
     try:
-        with _quiet_strategy(), _collections_skip_the_heap():
+        with _quiet_strategy(), _without_forced_collections():
             arrays, _ = strategy.aggregate_train(rnd, [as_reply(i, params, metrics) for i, (params, metrics) in enumerate(replies)])
     except Exception as exc:  # noqa: BLE001 (any strategy's code, a user's included)
         log(WARNING, "round %d: %s failed (%s: %s); its model stays as it was", rnd, where, type(exc).__name__, exc)

@@ -35,3 +35,12 @@ def test_tiny_harness_writes_report_plots_and_json(tmp_path, tiny_bert):
             assert row[f"acc@{rate}"]["mean"] <= row[f"oracle@{rate}"]["mean"] + 1e-12
         assert set(row["measures"]) >= {"entropy", "margin", "temperature-perturbation", "margin, temperature-scaled"}
     assert f"| {frontier_mod.LEVERS['no-ngrams'].description} |" in report and "## Frontier of SLM levers" in report
+
+
+def test_oracle_sensitivity_adds_the_models_given_on_the_command_line():
+    from fedhlm_app.tools.experiments import oracle_variants
+
+    assert set(oracle_variants("", "")) == {"hierarchical", "noisy-0.95", "noisy-0.9", "noisy-0.8"}
+    runs = oracle_variants("models/cloud-minilm", "smollm2")
+    assert runs["classifier"] == {"oracle": "classifier", "oracle-model": "models/cloud-minilm"}
+    assert runs["causal-lm"] == {"oracle": "causal-lm", "oracle-model": "smollm2"}

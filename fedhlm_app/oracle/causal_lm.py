@@ -102,9 +102,9 @@ class CausalLMOracle(ModelOracle):
     def compute(self, texts: list[str]) -> np.ndarray:
         prompts = [self._token_ids(self._prompt_text(t)) for t in texts]
         prefix, cache = self._prefix()
-        if self.prefix_caching and all(len(ids) > len(prefix) and ids[: len(prefix)] == prefix for ids in prompts):
+        if self.prefix_caching and prefix and all(len(ids) > len(prefix) and ids[: len(prefix)] == prefix for ids in prompts):
             logits = self._suffix_logits([ids[len(prefix):] for ids in prompts], cache)
-        else:  # a text whose first characters merge with the prompt's last token: score whole prompts
+        else:  # no shared start, or a text whose first characters merge with its last token: whole prompts
             logits = self._whole_logits(prompts)
         return torch.softmax(logits[:, self.label_tokens].double(), dim=1).numpy()
 
@@ -117,9 +117,10 @@ class CausalLMOracle(ModelOracle):
         if self._prefix_state is None:
             one, two = (self._token_ids(self._prompt_text(t)) for t in ("x", "y"))
             length = next(i for i, (a, b) in enumerate(zip(one, two)) if a != b)
-            prefix = one[:length]
-            with torch.inference_mode():
-                cache = self.model(input_ids=torch.tensor([prefix]), use_cache=True).cache
+            prefix, cache = one[:length], None
+            if prefix:
+                with torch.inference_mode():
+                    cache = self.model(input_ids=torch.tensor([prefix]), use_cache=True).cache
             self._prefix_state = (prefix, cache)
         return self._prefix_state
 

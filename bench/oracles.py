@@ -73,7 +73,7 @@ def main() -> int:
     batch = EscalationBatch(np.arange(len(texts)), texts, probs, np.zeros(len(texts), np.int64))
     rows, cleanup, answers = [], [], {}
     for name in backends:
-        cfg = dict(base, oracle=name)
+        cfg = dict(base, oracle=name, **{"cache-dir": str(work / "cache" / name)})  # every backend from a cold answer cache
         label = name
         if name == "remote":
             from fedhlm_app.oracle.service import OracleService

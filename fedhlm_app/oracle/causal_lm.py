@@ -101,8 +101,8 @@ class CausalLMOracle(ModelOracle):
 
     def compute(self, texts: list[str]) -> np.ndarray:
         prompts = [self._token_ids(self._prompt_text(t)) for t in texts]
-        prefix, cache = self._prefix()
-        if self.prefix_caching and prefix and all(len(ids) > len(prefix) and ids[: len(prefix)] == prefix for ids in prompts):
+        prefix, cache = self._prefix() if self.prefix_caching else ([], None)
+        if prefix and all(len(ids) > len(prefix) and ids[: len(prefix)] == prefix for ids in prompts):
             logits = self._suffix_logits([ids[len(prefix):] for ids in prompts], cache)
         else:  # no shared start, or a text whose first characters merge with its last token: whole prompts
             logits = self._whole_logits(prompts)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from fedhlm_app.fl.compression import VALUE_FORMATS, Codec
 from fedhlm_app.fl.strategies import DP_WRAPPERS, FLOWER_STRATEGIES, NO_EDGE, StrategyError, is_strategy_name, parse_args
 from fedhlm_app.oracle.base import BACKENDS
 from fedhlm_app.slm.uncertainty import MEASURES
@@ -27,6 +28,7 @@ from fedhlm_app.slm.uncertainty import MEASURES
 DATA_SOURCES = ("auto", "hub", "local")
 PRECISIONS = ("auto", "fp32", "bf16")
 NEIGHBOUR_SCOPES = ("none", "all", "nearest")
+COMPRESSIONS = ("none", *VALUE_FORMATS)
 RESUME_MODES = ("false", "true", "auto")  # auto: resume when a checkpoint exists, else start
 
 
@@ -147,6 +149,9 @@ class RunConfig:
     cloud_strategy: str = _key(is_strategy_name, STRATEGY_RULE)
     cloud_strategy_args: str = _key(_is_args_table, ARGS_RULE)
     cloud_every: int = _positive("an integer >= 1 (edge rounds per cloud round)")
+    compression: str = _one_of(COMPRESSIONS)
+    upload_share: float = _key(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+    broadcast_share: float = _key(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
     hostile_clients: int = _at_least(0, "an integer >= 0 (per cluster: clients that send poisoned updates, for robustness studies)")
     oracle: str = _one_of(BACKENDS)
     oracle_model: str = _anything("a model name or folder (see docs/guide.md, 'Cloud LLM backends')")
@@ -168,6 +173,16 @@ class RunConfig:
                 raise ConfigError(f"run config '{key}' = {value}: must be <= num-clients ({self.num_clients})")
         if self.resuming and not self.run_name:
             raise ConfigError(f"run config 'resume' = {self.resume}: needs a 'run-name' (the checkpoint is results-dir/run-name/checkpoint.pkl)")
+
+    @property
+    def upload_codec(self) -> Codec | None:
+        """How clients and edges compress their updates (None: whole models)."""
+        return None if self.compression == "none" else Codec(self.compression, self.upload_share)
+
+    @property
+    def broadcast_codec(self) -> Codec | None:
+        """How the server compresses what it sends the clients (None: whole models)."""
+        return None if self.compression == "none" else Codec(self.compression, self.broadcast_share)
 
     @property
     def resuming(self) -> bool:

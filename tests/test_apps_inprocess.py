@@ -320,3 +320,43 @@ def test_permuting_the_test_labels_after_partitioning_changes_no_probability_esc
     for policy in ("fedhlm", "static_threshold"):
         ledger, ledger_p = (r["communication"]["by_phase_and_link"][f"inference:{policy}"] for r in (results, results_p))
         assert ledger.get("client->llm") == ledger_p.get("client->llm")
+
+
+class _RecordingGrid(LocalGrid):
+    """Keeps the serialized size of every head message and of its reply, as they cross."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_bytes = {"edge->client": 0, "client->edge": 0}
+
+    def push_messages(self, messages):
+        from fedhlm_app.app.protocol import serialized_size
+
+        ids = super().push_messages(messages)
+        for m, i in zip(messages, ids):
+            if m.metadata.message_type in ("train.head", "query.install_head"):
+                self.head_bytes["edge->client"] += serialized_size(m.content)
+                self.head_bytes["client->edge"] += serialized_size(self._replies[i].content)
+        return ids
+
+
+@pytest.mark.parametrize("compression", ["none", "int4"])
+def test_the_ledger_books_head_traffic_at_its_serialized_size(tmp_path, tiny_bert, compression):
+    from fedhlm_app.paths import BUNDLED_DATA
+
+    rc = default_run_config(**{"slm-model": str(tiny_bert), "data-source": "local", "data-dir": str(BUNDLED_DATA),
+                               "cache-dir": str(tmp_path / "cache"), "results-dir": str(tmp_path / "results"),
+                               "compression": compression, "ngram-buckets": 8192, "threshold-rounds": 1})
+    nodes = [{"partition-id": i, "num-partitions": 4, "cluster-id": i // 2} for i in range(4)]
+    grid = _RecordingGrid(client_app, nodes, rc)
+    server_app(grid, server_context(rc))
+    results = json.loads((tmp_path / "results" / "latest" / "results.json").read_text())
+    head = results["communication"]["by_phase_and_link"]["head"]
+    assert {link: head[link]["bytes"] for link in grid.head_bytes} == grid.head_bytes
+    full_model = (32 * 4 + 4 + 8192 * 4) * 4  # float32 weights on the tiny BERT's 32-wide embedding, bias, n-gram table
+    per_message = head["edge->client"]["bytes"] / head["edge->client"]["messages"]
+    if compression == "none":
+        assert per_message > full_model  # the whole model, every time
+    else:
+        assert per_message < full_model / 8  # deltas of changed rows in 4 bits
+        assert head["edge->cloud"]["bytes"] < head["edge->cloud"]["messages"] * full_model / 8

@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 
 from fedhlm_app.config import RunConfig
+from fedhlm_app.fl.model_sync import ModelSync
 
 CHECKPOINT_FILE = "checkpoint.pkl"
-FORMAT = 3  # 3: modules grouped by concern (the pickled classes moved)
+FORMAT = 4  # 4: trained models keep what the clients hold of them (``ModelSync``)
 # Keys that may differ between a run and its resume: they change how, not what, it computes.
 RESUMABLE_CHANGES = ("resume", "round-timeout", "min-clients", "min-active-clients", "oracle-timeout", "oracle-retries",
                      "oracle-concurrency", "oracle-api-key", "oracle-url", "results-dir", "cache-dir", "data-dir")
@@ -43,6 +44,7 @@ class TrainedModel:
     params: list[np.ndarray] | None = None  # the global model
     edge_params: dict[int, list[np.ndarray]] = field(default_factory=dict)  # cluster -> model after an edge round
     history: list[dict[str, Any]] = field(default_factory=list)  # per round: metrics, cloud or edge, seconds
+    sync: ModelSync | None = None  # what each cluster's clients hold of it (their replicas), for compressed rounds
 
 
 @dataclass

@@ -29,19 +29,19 @@ def setup(msg: Message, context: Context) -> Message:
 
 @app.train("encoder")
 def train_encoder(msg: Message, context: Context) -> Message:
-    """Fine-tune the encoder's top layers from the global weights."""
+    """Fine-tune the encoder's top layers from the replica the message moves."""
     return _reply(msg, Node.of(context).train_encoder(protocol.Train.unpack(msg.content)).pack())
 
 
 @app.query("install_encoder")
 def install_encoder(msg: Message, context: Context) -> Message:
     """Install the fine-tuned encoder and featurize the local data with it."""
-    return _reply(msg, Node.of(context).install_encoder(protocol.unpack_model(msg.content)).pack())
+    return _reply(msg, Node.of(context).install_encoder(protocol.unpack_model(msg.content["model"])).pack())
 
 
 @app.train("head")
 def train_head(msg: Message, context: Context) -> Message:
-    """Fit the head on the local fit split from the global weights."""
+    """Fit the head on the local fit split from the replica the message moves."""
     return _reply(msg, Node.of(context).train_head(protocol.Train.unpack(msg.content)).pack())
 
 

@@ -21,11 +21,15 @@ state               what                                      written by
 ``class_sums_sent`` the class sums last shared with the edge  ``train_threshold``
 ``tiers``           where each query went under the policy    ``route``, read by ``score``
                     being evaluated
+``<model>-replica`` the model (``head``, ``encoder``) as the  ``train_head``, ``train_encoder``;
+                    server last sent it, and its version      dropped by ``install_*``
+``<model>-residual`` what the client has not sent yet of its  ``train_head``, ``train_encoder``;
+                    updates (error feedback)                  dropped by ``install_*``
 ==================  ========================================  ==============================
 
-The head's weights are not kept: routing needs only its outputs, and a head with n-gram
-weights is megabytes that Flower's simulation would move with the node's state on every
-message.
+The replicas and residuals are kept only while their model trains, sparse (the rows that are not
+zero): a head with n-gram weights is megabytes that Flower's simulation moves with the node's
+state on every message. Routing needs only the final head's outputs.
 """
 
 from __future__ import annotations
@@ -39,10 +43,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 from fedhlm_app.app.protocol import (
     Calibrate,
     ClientMemory,
-    ClientUpdate,
     Escalation,
     Feedback,
     InstallHead,
+    ModelUpdate,
     NodeInfo,
     RouteQueries,
     ThresholdReply,
@@ -54,6 +58,9 @@ from fedhlm_app.app.protocol import (
 )
 from fedhlm_app.config import RunConfig, run_config_of
 from fedhlm_app.fl import attacks
+from fedhlm_app.fl.compression import EXACT as EXACT_CODEC
+from fedhlm_app.fl.compression import ErrorFeedback, Params, decode_model, encode_model
+from fedhlm_app.fl.model_sync import ModelDelta, client_upload, whole
 from fedhlm_app.fl.records import named_arrays, record_named_arrays, to_numpy
 from fedhlm_app.fl.round_config import RoundConfig
 from fedhlm_app.oracle.base import EscalationBatch
@@ -125,6 +132,30 @@ class NodeState:
     def __init__(self, records: RecordDict) -> None:
         self.records = records
 
+    def replica(self, model: str) -> tuple[Params | None, int | None]:
+        """The replica of ``model`` this node holds and its version (None, None before the first round)."""
+        key = f"{model}-replica"
+        if key not in self.records:
+            return None, None
+        kept = ModelDelta.from_arrays(record_named_arrays(self.records[key]))
+        return decode_model(kept.tables), kept.version
+
+    def keep_replica(self, model: str, params: Params, version: int) -> None:
+        self.records[f"{model}-replica"] = named_arrays(whole(params, version).to_arrays())
+
+    def residual(self, model: str) -> Params | None:
+        key = f"{model}-residual"
+        return decode_model(ModelDelta.from_arrays(record_named_arrays(self.records[key])).tables) if key in self.records else None
+
+    def keep_residual(self, model: str, residual: Params) -> None:
+        self.records[f"{model}-residual"] = named_arrays(ModelDelta(0, 0, encode_model(residual, EXACT_CODEC)).to_arrays())
+
+    def drop_training_state(self, model: str) -> None:
+        """The model is installed: its replica and residual are not read again."""
+        for key in (f"{model}-replica", f"{model}-residual"):
+            if key in self.records:
+                del self.records[key]
+
 
 @dataclass
 class Node:
@@ -167,40 +198,61 @@ class Node:
         """Load the local data and featurize it, unless the encoder is fine-tuned first."""
         return self.info(featurized=not self.cfg.encoder_rounds)
 
-    def train_encoder(self, instruction: Train) -> ClientUpdate:
-        """Fine-tune the encoder's top layers on the local fit split, from the global weights."""
+    def train_encoder(self, instruction: Train) -> ModelUpdate:
+        """Fine-tune the encoder's top layers on the local fit split, from the replica the instruction moves."""
         cfg, texts = self.cfg, self.texts
         asked = RoundConfig.of(instruction.config)
-        tuner = get_tuner(cfg.slm_model, cfg.encoder_layers, texts.num_classes).set_arrays(instruction.params)
+        start = self._start("encoder", instruction.model)
+        tuner = get_tuner(cfg.slm_model, cfg.encoder_layers, texts.num_classes).set_arrays(start)
         tuning = TuningConfig(cfg.encoder_steps, cfg.encoder_batch_size, cfg.encoder_lr, cfg.max_length, asked.proximal_mu)
         train_loss = tuner.train(texts.fit.texts, texts.fit.labels, tuning, self._rng(instruction.server_round))
         metrics = {"num-examples": len(texts.fit), "train-loss": train_loss}
-        return ClientUpdate(self._sent(asked.clipped(tuner.get_arrays(), instruction.params, metrics), instruction.params), metrics)
+        return ModelUpdate(self._upload("encoder", asked.clipped(tuner.get_arrays(), start, metrics), start, instruction.model), metrics)
 
-    def install_encoder(self, params: list[np.ndarray]) -> NodeInfo:
+    def install_encoder(self, model: ModelDelta) -> NodeInfo:
         """Install the fine-tuned encoder and featurize the local data with it."""
+        params = self._start("encoder", model)
+        self.state.drop_training_state("encoder")
         tuner = get_tuner(self.cfg.slm_model, self.cfg.encoder_layers, self.texts.num_classes).set_arrays(params)
         self.state.encoder = str(tuner.install(cache_dir(self.cfg.cache_dir)))
         return self.info(featurized=True)
 
-    def train_head(self, instruction: Train) -> ClientUpdate:
-        """Fit the head on the local fit split, starting from the global weights."""
+    def train_head(self, instruction: Train) -> ModelUpdate:
+        """Fit the head on the local fit split, starting from the replica the instruction moves."""
         cfg, data, asked = self.cfg, self.data, RoundConfig.of(instruction.config)
-        head = head_from_config(cfg, data.dim, data.num_classes).set_params(instruction.params)
+        start = self._start("head", instruction.model)
+        head = head_from_config(cfg, data.dim, data.num_classes).set_params(start)
         head.fit(data.fit.inputs, data.fit.y, HeadConfig(cfg.head_epochs, cfg.head_lr, l2=cfg.head_l2, proximal_mu=asked.proximal_mu),
                  self._rng(instruction.server_round))
         accuracy = float(np.mean(head.predict_proba(data.fit.inputs).argmax(1) == data.fit.y)) if len(data.fit) else 0.0
         metrics = {"num-examples": len(data.fit), "train-loss": head.log_loss(data.fit.inputs, data.fit.y), "train-accuracy": accuracy}
-        return ClientUpdate(self._sent(asked.clipped(head.get_params(), instruction.params, metrics), instruction.params), metrics)
+        return ModelUpdate(self._upload("head", asked.clipped(head.get_params(), start, metrics), start, instruction.model), metrics)
 
-    def _sent(self, trained: list[np.ndarray], start: list[np.ndarray]) -> list[np.ndarray]:
-        """What leaves the node: its trained model, or, from a hostile node, a poisoned one."""
-        return attacks.poisoned_model(trained, start) if self.placement.hostile else trained
+    def _start(self, model: str, message: ModelDelta) -> Params:
+        """The model a round starts from: the node's replica moved by the server's message (kept, when
+        training is compressed, for the next message to move)."""
+        params = message.apply(*self.state.replica(model))
+        if self.cfg.broadcast_codec is not None:
+            self.state.keep_replica(model, params, message.version)
+        return params
+
+    def _upload(self, model: str, trained: Params, start: Params, message: ModelDelta) -> ModelDelta:
+        """What leaves the node for its trained model (from a hostile node, a poisoned one): a delta
+        from ``start``, compressed with the node's error feedback, or the whole model."""
+        if self.placement.hostile:
+            trained = attacks.poisoned_model(trained, start)
+        feedback = ErrorFeedback(self.state.residual(model))
+        update = client_upload(trained, start, message.version, self.cfg.upload_codec, feedback)
+        if feedback.residual is not None:
+            self.state.keep_residual(model, feedback.residual)
+        return update
 
     def install_head(self, instruction: InstallHead) -> None:
         """Keep the final head's outputs on every local item (and a resumed client's memory)."""
         data = self.data
-        head = head_from_config(self.cfg, data.dim, data.num_classes).set_params(instruction.params)
+        params = self._start("head", instruction.model)
+        self.state.drop_training_state("head")
+        head = head_from_config(self.cfg, data.dim, data.num_classes).set_params(params)
         pooled = instruction.pooled_label_counts
         own = self.texts.own_label_counts() if pooled is not None else None
         self.state.head_outputs = head_outputs(head, data, own, pooled)

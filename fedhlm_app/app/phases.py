@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
+from functools import partial
 from logging import INFO, WARNING
 
 import numpy as np
@@ -28,6 +30,8 @@ from fedhlm_app.app.exchange import Exchange, wait_for_nodes
 from fedhlm_app.app.protocol import Calibrate, Escalation, Feedback, NodeInfo, QueryPolicy, RouteQueries, Train
 from fedhlm_app.app.run_state import Run
 from fedhlm_app.config import RunConfig
+from fedhlm_app.fl.compression import EXACT, Codec, Params
+from fedhlm_app.fl.model_sync import ModelDelta, ModelSync
 from fedhlm_app.fl.tiers import NodeUpdate, RoundResult
 from fedhlm_app.fl.updates import UpdateSpec
 from fedhlm_app.oracle.base import EscalationBatch, verify_safely
@@ -59,12 +63,12 @@ def is_cloud_round(rnd: int, last: int, every: int) -> bool:
 
 
 def _book_aggregation(run: Run, phase: str, result: RoundResult) -> None:
-    """Edge aggregates go up to the cloud, the global model comes back down, once per cluster."""
+    """A threshold round: edge aggregates go up to the cloud, the global one comes back down, once per cluster."""
     if not run.aggregator.is_hierarchical or not result.is_cloud_round:
         return
-    down = protocol.model_size(result.aggregate.global_params)
+    down = protocol.arrays_size(result.aggregate.global_params)
     for params in result.aggregate.cluster_params.values():
-        run.ledger.add(phase, "edge->cloud", protocol.model_size(params, with_weight=True))
+        run.ledger.add(phase, "edge->cloud", protocol.arrays_size(params, with_weight=True))
         run.ledger.add(phase, "cloud->edge", down)
 
 
@@ -76,18 +80,71 @@ def _aggregate(run: Run, phase: str, rnd: int, updates: list[NodeUpdate], spec: 
     return result
 
 
+def _broadcasts(run: Run, phase: str, model: TrainedModel, codec: Codec | None = None) -> dict[int, ModelDelta]:
+    """Each cluster's message for the round: what moves its clients' replica to the cluster's model
+    (its own after an edge round, else the global one, which the cloud sends its edge first)."""
+    if model.sync is None:
+        model.sync = ModelSync(run.cfg.upload_codec, run.cfg.broadcast_codec)
+    out = {}
+    for cluster in sorted(set(run.cluster_of.values())):
+        own = model.edge_params.get(cluster)
+        out[cluster] = model.sync.broadcast(cluster, model.params if own is None else own, codec)
+        if own is None and run.aggregator.is_hierarchical:
+            run.ledger.add(phase, "cloud->edge", protocol.model_message_size(out[cluster]))
+    return out
+
+
+def _edge_upload(run: Run, phase: str, sync: ModelSync) -> Callable[[int, Params], Params]:
+    """An edge's aggregate as the cloud receives it (compressed like a client's update), booked."""
+    def upload(cluster: int, params: Params) -> Params:
+        message, received = sync.edge_upload(cluster, params)
+        run.ledger.add(phase, "edge->cloud", protocol.model_message_size(message, with_weight=True))
+        return received
+    return upload
+
+
+def _messages(run: Run, model: TrainedModel, broadcasts: dict[int, ModelDelta], pack: Callable[[int, ModelDelta], RecordDict]
+              ) -> dict[int, RecordDict]:
+    """Each node's content: its cluster's broadcast (packed once per cluster), or the replica whole where it fell behind."""
+    packed = {c: pack(c, b) for c, b in broadcasts.items()}
+    contents = {}
+    for node, cluster in run.cluster_of.items():
+        message = model.sync.message_for(node, cluster, broadcasts[cluster])
+        contents[node] = packed[cluster] if message is broadcasts[cluster] else pack(cluster, message)
+    return contents
+
+
+def _final_broadcasts(run: Run, phase: str, model: TrainedModel) -> dict[int, ModelDelta]:
+    """The install messages: the last broadcast, with every changed row (the residual a partial broadcast
+    left is not lost), exact where edge rounds left the clusters' replicas apart, so that every client
+    installs the same model, which becomes the run's model."""
+    codec = run.cfg.broadcast_codec
+    if model.sync is not None and not model.sync.replicas_agree():
+        codec = EXACT
+    elif codec is not None:
+        codec = dataclasses.replace(codec, share=1.0)
+    broadcasts = _broadcasts(run, phase, model, codec)
+    model.params, model.edge_params = model.sync.held[min(broadcasts)], {}
+    return broadcasts
+
+
 def train_rounds(run: Run, name: str, message_type: str, rounds: int, model: TrainedModel) -> None:
     """Federated training of ``model`` (``name``: the phase and what is aggregated) by the clients'
-    ``message_type`` handler for ``rounds`` rounds, aggregated edge then cloud; checkpointed after every round."""
+    ``message_type`` handler for ``rounds`` rounds, aggregated edge then cloud; checkpointed after every round.
+    Models travel as compressed deltas from the clients' replicas (``fedhlm_app.fl.model_sync``)."""
     spec = UpdateSpec.like(name, model.params)
     for rnd in range(model.done + 1, rounds + 1):
         round_started = time.monotonic()
-        # after an edge round each cluster continues from its own model
-        starts = {c: model.edge_params.get(c, model.params) for c in set(run.cluster_of.values())}
-        round_config = run.aggregator.configure(name, rnd, starts, model.params, is_cloud_round(rnd, rounds, run.cfg.cloud_every))
-        content = {c: Train(start, rnd, round_config[c]).pack() for c, start in starts.items()}
-        replies = run.exchange(name, message_type, {n: content[c] for n, c in run.cluster_of.items()}, rnd)
-        result = _aggregate(run, name, rnd, [protocol.node_update(n, r.content) for n, r in replies.items()], spec, rounds)
+        broadcasts = _broadcasts(run, name, model)
+        sync, cloud = model.sync, is_cloud_round(rnd, rounds, run.cfg.cloud_every)
+        # every strategy sees the model its clients start from: the replica they hold
+        round_config = run.aggregator.configure(name, rnd, {c: sync.held[c] for c in broadcasts}, model.params, cloud)
+        contents = _messages(run, model, broadcasts, lambda c, m, rnd=rnd, config=round_config: Train(m, rnd, config[c]).pack())
+        replies = run.exchange(name, message_type, contents, rnd)
+        for node in replies:
+            sync.acknowledge(node, run.cluster_of[node])
+        updates = [protocol.node_update(n, r.content, partial(sync.client_model, run.cluster_of[n])) for n, r in replies.items()]
+        result = run.aggregator.aggregate(rnd, updates, spec, cloud=cloud, edge_upload=_edge_upload(run, name, sync))
         if result is not None:
             if result.is_cloud_round:
                 model.params, model.edge_params = result.aggregate.global_params, {}
@@ -108,8 +165,9 @@ def encoder_phase(run: Run, num_classes: int) -> None:
         # a fresh tuner, not the per-process cached one: in-process clients may have trained that one
         p.encoder.params = EncoderTuner(cfg.slm_model, cfg.encoder_layers, num_classes).get_arrays()
     train_rounds(run, "encoder", protocol.TRAIN_ENCODER, cfg.encoder_rounds, p.encoder)
-    install = protocol.pack_model(p.encoder.params)
-    replies = run.exchange("encoder", protocol.INSTALL_ENCODER, {n: install for n in run.cluster_of})
+    broadcasts = _final_broadcasts(run, "encoder", p.encoder)
+    contents = _messages(run, p.encoder, broadcasts, lambda c, m: RecordDict({"model": protocol.pack_model(m)}))
+    replies = run.exchange("encoder", protocol.INSTALL_ENCODER, contents)
     run.info.update({n: NodeInfo.unpack(r.content) for n, r in replies.items()})
 
 
@@ -123,8 +181,10 @@ def head_phase(run: Run) -> None:
 
 def install_head(run: Run) -> None:
     """Every client keeps the final head's outputs (and, on a resumed run, gets back what it had learned)."""
-    pooled = run.pooled_label_counts
-    contents = {n: protocol.InstallHead(run.progress.head.params, pooled, run.memory_of(n)).pack() for n in run.cluster_of}
+    pooled, head = run.pooled_label_counts, run.progress.head
+    broadcasts = _final_broadcasts(run, "head", head)
+    contents = {n: protocol.InstallHead(head.sync.message_for(n, c, broadcasts[c]), pooled, run.memory_of(n)).pack()
+                for n, c in run.cluster_of.items()}
     run.exchange("head", protocol.INSTALL_HEAD, contents)
 
 
@@ -149,12 +209,17 @@ def _refresh_peers(run: Run, replies: dict[int, Message]) -> None:
         metrics = reply.content["metrics"]
         peers.record(cluster_of[node], int(metrics["p2p-attempts"]), int(metrics["p2p-hits"]), int(metrics["p2p-false-hits"]))
     if peers.scope != "none":
-        # Each edge shares its prototypes through the cloud and receives its neighbours'.
-        for cluster, protos in peers.prototypes().items():
-            size = protocol.prototypes_size(Prototypes(protos, []))
+        # Each edge shares its prototypes through the cloud when they moved, and gets its neighbours' when theirs did.
+        for cluster, own in peers.prototypes().items():
+            if prototypes_changed(run.edge_prototypes_sent.get(cluster), own):
+                run.edge_prototypes_sent[cluster] = own
+                run.ledger.add("p2p", "edge->cloud", protocol.prototypes_size(Prototypes(own, [])))
             view = peers.view(cluster)
-            run.ledger.add("p2p", "edge->cloud", size)
-            run.ledger.add("p2p", "cloud->edge", size * len(view.neighbours) if view else 0)
+            if view is not None and view.neighbours:
+                theirs = np.stack(view.neighbours)
+                if prototypes_changed(run.neighbour_prototypes_sent.get(cluster), theirs):
+                    run.neighbour_prototypes_sent[cluster] = theirs
+                    run.ledger.add("p2p", "cloud->edge", protocol.prototypes_size(Prototypes(own, [])) * len(view.neighbours))
 
 
 def verify(run: Run, phase: str, asked: dict[int, Escalation], where: str) -> dict[int, Feedback]:

@@ -7,9 +7,9 @@ ClientApp (``client_app``) and one packed form per direction, defined here and n
 message type               instruction (server -> client)               reply (client -> server)
 =========================  ===========================================  =============================================
 ``query.setup``            (empty)                                      ``NodeInfo``
-``train.encoder``          global encoder layers, round                 ``ClientUpdate`` (layers, metrics)
+``train.encoder``          ``Train`` (encoder layers, round)            ``ModelUpdate`` (layers, metrics)
 ``query.install_encoder``  the final encoder layers                     ``NodeInfo`` (featurized with them)
-``train.head``             global head, round                           ``ClientUpdate`` (head, metrics)
+``train.head``             ``Train`` (head, round)                      ``ModelUpdate`` (head, metrics)
 ``query.install_head``     ``InstallHead`` (head, pooled label counts,  (empty)
                            a resumed client's ``ClientMemory``)
 ``query.calibrate``        ``Calibrate`` (tau reference, round,         ``Escalation`` (items for the LLM)
@@ -20,13 +20,14 @@ message type               instruction (server -> client)               reply (c
 ``evaluate.score``         ``Feedback``                                 per-client counts (``router.score``)
 =========================  ===========================================  =============================================
 
-``bookings`` says on which link (and phase) each part of a message is counted in the
+Models travel as ``ModelDelta`` (``fedhlm_app.fl.model_sync``): what changed since the replica the
+client holds, compressed, or the whole model. ``bookings`` says on which link (and phase) each part of a message is counted in the
 ledger, from its serialized size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -35,6 +36,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
+from fedhlm_app.fl.model_sync import ModelDelta
 from fedhlm_app.fl.records import arrays_record, named_arrays, record_arrays, record_named_arrays, to_numpy
 from fedhlm_app.fl.tiers import NodeUpdate
 from fedhlm_app.oracle.base import EscalationBatch
@@ -60,18 +62,25 @@ def serialized_size(content: RecordDict) -> int:
 
 
 @lru_cache(maxsize=64)
-def _model_size(signature: tuple[tuple[tuple[int, ...], str], ...], with_weight: bool) -> int:
-    params = [np.zeros(shape, dtype=dtype) for shape, dtype in signature]
-    content = RecordDict({"arrays": arrays_record(params)})
+def _arrays_size(signature: tuple[tuple[tuple[int, ...], str], ...], with_weight: bool) -> int:
+    content = RecordDict({"arrays": arrays_record([np.zeros(shape, dtype=dtype) for shape, dtype in signature])})
     if with_weight:
         content["metrics"] = MetricRecord({"num-examples": 1.0})
     return serialized_size(content)
 
 
-def model_size(params: list[np.ndarray], with_weight: bool = False) -> int:
-    """Serialized bytes of a model message (``{"arrays"}``, plus its sample count when ``with_weight``):
-    the size depends only on the arrays' shapes and types, so it is computed once per signature."""
-    return _model_size(tuple((tuple(p.shape), str(p.dtype)) for p in params), with_weight)
+def arrays_size(params: list[np.ndarray], with_weight: bool = False) -> int:
+    """Serialized bytes of arrays sent whole (``{"arrays"}``, plus the sample count when ``with_weight``):
+    the size depends only on their shapes and types, so it is computed once per signature."""
+    return _arrays_size(tuple((tuple(p.shape), str(p.dtype)) for p in params), with_weight)
+
+
+def model_message_size(model: ModelDelta, with_weight: bool = False) -> int:
+    """Serialized bytes of a model message between tiers (an edge's upload carries its sample count too)."""
+    content = RecordDict({"model": pack_model(model)})
+    if with_weight:
+        content["metrics"] = MetricRecord({"num-examples": 1.0})
+    return serialized_size(content)
 
 
 # ---- typed messages ---------------------------------------------------------------------------
@@ -104,35 +113,46 @@ class NodeInfo:
                         [int(c) for c in info["label-counts"]] if "label-counts" in info else [])
 
 
-def pack_model(params: list[np.ndarray]) -> RecordDict:
-    """A model to install (``query.install_encoder``)."""
-    return RecordDict({"arrays": arrays_record(params)})
+def pack_model(model: ModelDelta) -> ArrayRecord:
+    """A model message (``ModelDelta``: a compressed delta from the replica, or a whole model) as one record."""
+    return named_arrays(model.to_arrays())
 
 
-def unpack_model(content: RecordDict) -> list[np.ndarray]:
-    return record_arrays(content["arrays"])
+def unpack_model(record: ArrayRecord) -> ModelDelta:
+    return ModelDelta.from_arrays(record_named_arrays(record))
 
 
 @dataclass(frozen=True)
 class Train:
     """A training round's instruction: the model to start from and what the round's strategies ask of the client."""
 
-    params: list[np.ndarray]
+    model: ModelDelta
     server_round: int
     config: dict[str, Any] = field(default_factory=dict)  # from the strategies' configure_train (``RoundConfig``)
 
     def pack(self) -> RecordDict:
-        return RecordDict({"arrays": arrays_record(self.params), "config": ConfigRecord({**self.config, "server-round": self.server_round})})
+        return RecordDict({"model": pack_model(self.model), "config": ConfigRecord({**self.config, "server-round": self.server_round})})
 
     @staticmethod
     def unpack(content: RecordDict) -> Train:
         config = dict(content["config"])
-        return Train(record_arrays(content["arrays"]), int(config.pop("server-round")), config)
+        return Train(unpack_model(content["model"]), int(config.pop("server-round")), config)
+
+
+@dataclass(frozen=True)
+class ModelUpdate:
+    """A client's trained model, as a compressed delta (or whole), and its metrics (``num-examples`` weighs it)."""
+
+    model: ModelDelta
+    metrics: dict[str, float]
+
+    def pack(self) -> RecordDict:
+        return RecordDict({"model": pack_model(self.model), "metrics": MetricRecord(self.metrics)})
 
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """A client's model update: its parameters and its metrics (``num-examples`` weighs it)."""
+    """A client's update of a small model sent whole (its threshold): its arrays and its metrics."""
 
     params: list[np.ndarray]
     metrics: dict[str, float]
@@ -140,19 +160,19 @@ class ClientUpdate:
     def pack(self) -> RecordDict:
         return RecordDict({"arrays": arrays_record(self.params), "metrics": MetricRecord(self.metrics)})
 
-    @staticmethod
-    def unpack(content: RecordDict) -> ClientUpdate:
-        """Raises (any exception) on a malformed reply; the server rejects it and records why."""
-        return ClientUpdate(record_arrays(content["arrays"]), dict(content["metrics"]))
 
-
-def node_update(node: int, content: RecordDict) -> NodeUpdate:
-    """A training reply decoded once; a malformed one carries its problem for the aggregator to record."""
+def node_update(node: int, content: RecordDict, rebuild: Callable[[ModelDelta], list[np.ndarray]] | None = None) -> NodeUpdate:
+    """A training reply decoded once: a ``ModelUpdate`` (its model rebuilt by ``rebuild`` from what the
+    node's cluster holds) or a ``ClientUpdate``; a malformed one carries its problem for the aggregator to record."""
     try:
-        update = ClientUpdate.unpack(content)
+        if rebuild is not None:
+            params = rebuild(unpack_model(content["model"]))
+        else:
+            params = record_arrays(content["arrays"])
+        metrics = dict(content["metrics"])
     except Exception as exc:  # noqa: BLE001 - any decoding failure means a malformed reply
         return NodeUpdate(node, [], {}, f"malformed reply ({type(exc).__name__}: {exc})")
-    return NodeUpdate(node, update.params, update.metrics)
+    return NodeUpdate(node, params, metrics)
 
 
 @dataclass(frozen=True)
@@ -176,14 +196,15 @@ class ClientMemory:
 
 @dataclass(frozen=True)
 class InstallHead:
-    """The final head, the pooled label counts (with the local label prior) and, on a resumed run, the client's memory."""
+    """The final head (a delta from the client's replica), the pooled label counts (with the local label
+    prior) and, on a resumed run, the client's memory."""
 
-    params: list[np.ndarray]
+    model: ModelDelta
     pooled_label_counts: np.ndarray | None
     memory: ClientMemory | None
 
     def pack(self) -> RecordDict:
-        content = RecordDict({"arrays": arrays_record(self.params)})
+        content = RecordDict({"model": pack_model(self.model)})
         if self.pooled_label_counts is not None:
             content["label-counts"] = named_arrays({"pooled": self.pooled_label_counts})
         if self.memory is not None:
@@ -198,7 +219,7 @@ class InstallHead:
     def unpack(content: RecordDict) -> InstallHead:
         pooled = to_numpy(content["label-counts"]["pooled"]) if "label-counts" in content else None
         memory = ClientMemory.of(record_named_arrays(content["restore"])) if "restore" in content else None
-        return InstallHead(record_arrays(content["arrays"]), pooled, memory)
+        return InstallHead(unpack_model(content["model"]), pooled, memory)
 
 
 def pack_prototypes(prototypes: Prototypes) -> ArrayRecord:

@@ -31,6 +31,8 @@ class Run:
     progress: checkpoint.Progress
     checkpoint_path: Path
     prototypes_sent: dict[int, np.ndarray] = field(default_factory=dict)  # node -> the prototypes it last received
+    edge_prototypes_sent: dict[int, np.ndarray] = field(default_factory=dict)  # cluster -> what its edge last shared
+    neighbour_prototypes_sent: dict[int, np.ndarray] = field(default_factory=dict)  # cluster -> neighbours' it last got
     oracle_failures: list[dict[str, Any]] = field(default_factory=list)  # one entry per batch with unanswered items
 
     @property
@@ -67,6 +69,9 @@ class Run:
 
     def restore_server_state(self) -> None:
         """After a resume: the saved failures, P2P state and aggregator state, on today's node ids."""
+        for model in (self.progress.encoder, self.progress.head):
+            if model.sync is not None:  # today's nodes hold no replica yet: each gets it whole first
+                model.sync.forget_nodes()
         saved = self.progress.server
         if not saved:
             return

@@ -77,8 +77,8 @@ def run(grid: Grid, cfg: RunConfig, tiers: Tiers, folder: RunFolder, started: fl
             info = phases.setup(exchange, grid, cfg)
             cluster_of = {n: i.cluster_id for n, i in info.items()}
             peers = PeerCoordinator(cfg.p2p_neighbours, cfg.p2p_neighbour_k, cfg.p2p_cost, cfg.llm_cost) if cfg.p2p else None
-            state = Run(cfg, exchange, oracle, info, tiers.aggregator(cluster_of, cfg.min_cluster_clients), peers, progress or checkpoint.Progress(),
-                        folder.checkpoint)
+            aggregator = tiers.aggregator(cluster_of, cfg.min_cluster_clients, {n: i.partition_id for n, i in info.items()})
+            state = Run(cfg, exchange, oracle, info, aggregator, peers, progress or checkpoint.Progress(), folder.checkpoint)
             state.restore_server_state()
             state.aggregator.summary()
             log(INFO, "setup: %d clients in clusters %s", len(info), sorted(set(cluster_of.values())))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import gc
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -177,8 +177,10 @@ class TieredAggregator:
     """Edge (per cluster) then cloud aggregation of any arrays, each tier by a Flower strategy."""
 
     def __init__(self, edge: StrategyFactory | None, cloud: StrategyFactory, cluster_of: dict[int, int],
-                 names: tuple[str, str] = ("FedAvg", "FedAvg"), min_cluster_updates: int = 1) -> None:
+                 names: tuple[str, str] = ("FedAvg", "FedAvg"), min_cluster_updates: int = 1,
+                 rank_of: dict[int, int] | None = None) -> None:
         self.edge_factory, self.cloud_factory = edge, cloud
+        self.rank_of = dict(rank_of or {})  # node -> its place in aggregation order (its partition id); else its id
         self.names = names  # (edge, cloud), for the log and the report
         self.cluster_of = dict(cluster_of)
         self.min_cluster_updates = min_cluster_updates  # fewer valid updates: the cluster sits the round out
@@ -240,13 +242,16 @@ class TieredAggregator:
             configs[cluster] = {**shared, **own}
         return configs
 
-    def aggregate(self, server_round: int, updates: list[NodeUpdate], spec: UpdateSpec, cloud: bool = True) -> RoundResult | None:
+    def aggregate(self, server_round: int, updates: list[NodeUpdate], spec: UpdateSpec, cloud: bool = True,
+                  edge_upload: Callable[[int, Params], Params] | None = None) -> RoundResult | None:
         """Aggregate a round of the model ``spec.name``; ``cloud=False`` stops at the edge. None when no
         valid update is left. Updates that are malformed or do not fit ``spec`` (shape, type, range,
-        finiteness) are dropped before any strategy sees them, logged and kept in ``rejected``."""
-        # In node order, whatever order the replies arrived in: Flower's means add up in the arrays'
-        # own dtype (float32 for the head), so the order would show in the last bits.
-        valid = sorted((u for u in updates if self._accepted(server_round, u, spec)), key=lambda u: u.node)
+        finiteness) are dropped before any strategy sees them, logged and kept in ``rejected``.
+        ``edge_upload(cluster, model)``: what the cloud receives of an edge's model (it may compress it)."""
+        # In partition order, whatever order the replies arrived in and whatever ids a simulation gave the
+        # nodes: Flower's means add up in the arrays' own dtype (float32 for the head), so the order shows in
+        # the last bits, and compression (which rows are largest, how a value rounds) can carry them further.
+        valid = sorted((u for u in updates if self._accepted(server_round, u, spec)), key=lambda u: self.rank_of.get(u.node, u.node))
         if self.is_hierarchical:
             valid = self._without_thin_clusters(server_round, valid)
         if not valid:
@@ -276,7 +281,8 @@ class TieredAggregator:
                 return None
             global_params = None
             if cloud:
-                edge_replies = [(cluster_params[c], {**weighted_metrics([u.metrics for u in by_cluster[c]]), WEIGHT_KEY: weights[c]})
+                received = {c: edge_upload(c, p) if edge_upload else p for c, p in cluster_params.items()}
+                edge_replies = [(received[c], {**weighted_metrics([u.metrics for u in by_cluster[c]]), WEIGHT_KEY: weights[c]})
                                 for c in cluster_params]
                 global_params = _reduce(self._cloud(model), f"the {model} cloud strategy '{self.names[1]}'", server_round, edge_replies)
             aggregate = Aggregate(global_params, cluster_params, weights)
@@ -320,5 +326,5 @@ class Tiers:
             raise ConfigError(f"run config 'edge-strategy' / 'cloud-strategy': {err}") from err
         return Tiers(edge, cloud, (cfg.edge_strategy, cfg.cloud_strategy))
 
-    def aggregator(self, cluster_of: dict[int, int], min_cluster_updates: int) -> TieredAggregator:
-        return TieredAggregator(self.edge, self.cloud, cluster_of, self.names, min_cluster_updates)
+    def aggregator(self, cluster_of: dict[int, int], min_cluster_updates: int, rank_of: dict[int, int] | None = None) -> TieredAggregator:
+        return TieredAggregator(self.edge, self.cloud, cluster_of, self.names, min_cluster_updates, rank_of)

@@ -19,6 +19,7 @@ import numpy as np
 from fedhlm_app.app.checkpoint import Progress
 from fedhlm_app.config import RunConfig
 from fedhlm_app.paths import results_dir
+from fedhlm_app.reporting.communication import communication
 from fedhlm_app.reporting.ledger import Ledger
 from fedhlm_app.routing.p2p import TIERS, PeerCoordinator, wilson_interval
 
@@ -205,12 +206,17 @@ def _fmt_bytes(n: float) -> str:
     return f"{n}"
 
 
-def summary_table(policies: dict[str, dict[str, float]], llm_bytes: dict[str, int]) -> list[str]:
-    rows = ["| policy | accuracy | LLM rate | local rate | P2P rate | bytes to LLM |", "|---|---|---|---|---|---|"]
+def summary_table(policies: dict[str, dict[str, float]], costs: dict[str, dict[str, Any]]) -> list[str]:
+    """One row per policy: quality, where queries went, and its bytes (``communication``'s ``policies``)."""
+    rows = ["| policy | accuracy | LLM rate | local rate | P2P rate | LLM bytes (inference) | training bytes | break-even queries |",
+            "|---|---|---|---|---|---|---|---|"]
     for name, s in policies.items():
+        cost = costs[name]
+        even = cost["break_even_queries"]
         rows.append(
-            f"| {POLICY_TITLES.get(name, name)} | {s['accuracy']:.4f} | {s['llm_rate']:.4f} | "
-            f"{s['local_rate']:.4f} | {s['p2p_rate']:.4f} | {_fmt_bytes(llm_bytes.get(name, 0))} |"
+            f"| {POLICY_TITLES.get(name, name)} | {s['accuracy']:.4f} | {s['llm_rate']:.4f} | {s['local_rate']:.4f} | "
+            f"{s['p2p_rate']:.4f} | {_fmt_bytes(cost['inference_bytes'])} | {_fmt_bytes(cost['training_bytes'])} | "
+            f"{'-' if name == 'cloud_only' else 'never' if even is None else f'{even:,}'} |"
         )
     return rows
 
@@ -349,13 +355,7 @@ def results_of(o: RunOutcome, policies: dict[str, dict[str, float]]) -> dict[str
         "clients": clients,
         "adapted_queries": float(np.mean([c["adapted_queries"] for c in clients])) if clients else 0.0,
         "clusters": clusters,
-        "communication": {
-            "by_phase_and_link": ledger.to_dict(),
-            "training_bytes": sum(ledger.total(phase) for phase in ("setup", "encoder", "head", "threshold")),
-            "training_llm_bytes": ledger.total("threshold", "client->llm") + ledger.total("threshold", "llm->client"),
-            "inference_llm_bytes": llm_bytes,
-            "p2p_bytes": ledger.total("p2p"),
-        },
+        "communication": communication(ledger, ours["num_items"], list(policies)),
         "failures": o.failures,
         "dropouts": _dropouts(info, o.dropped),
         "rejected_updates": o.rejected,  # invalid updates dropped before aggregation
@@ -421,6 +421,11 @@ def summary_lines(o: RunOutcome, results: dict[str, Any], table: list[str]) -> l
            "(`rejected_updates` in results.json names node, round and reason)."] if rejected else []),
         f"- Training-time LLM items: {o.progress.training_escalations} "
         f"({_fmt_bytes(communication['training_llm_bytes'])} to and from the LLM).",
+        "- Training traffic " + _fmt_bytes(communication["training_bytes"]) + " (" + ", ".join(
+            f"{phase} {_fmt_bytes(n)}" for phase, n in communication["training_bytes_by_phase"].items() if n) + f"; updates as "
+        f"`{cfg.compression}`). Break-even: FedHLM's total bytes, training included, fall below cloud-only's after "
+        + ("no number of queries" if communication["break_even_queries"] is None else f"{communication['break_even_queries']:,} queries")
+        + " (at the LLM bytes per query measured here).",
         f"- Wall time {o.timings['total']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in o.timings.items() if k != "total") + ").",
         "",
         "![thresholds](thresholds.png)" if rounds else "",
@@ -449,7 +454,7 @@ def write_report(outcome: RunOutcome) -> Path:
         _save_model(out / "model.npz", o, results["clients"])
     if o.progress.rounds:
         plot_thresholds(o.progress.rounds, o.cfg.uncertainty, out / "thresholds.png")
-    table = summary_table(policies, results["communication"]["inference_llm_bytes"])
+    table = summary_table(policies, results["communication"]["policies"])
     _write_atomically(out / "summary.md", lambda tmp: tmp.write_text("\n".join(summary_lines(o, results, table)) + "\n"))
     _point_latest(root, o.cfg.run_name)
     _log("FedHLM results (%d test items, written to %s):", results["num_test_items"], out)

@@ -1,9 +1,10 @@
 """Per-round cost benchmark: a threshold round's wall time as the number of clients grows.
 
-    python bench/rounds.py [--clients 20,50,100,200] [--rounds 10] [--engines ray,inprocess]
+    python bench/rounds.py [--clients 20,200,1000] [--rounds 5] [--engines ray,inprocess]
+    python bench/rounds.py --clients 1000 --clusters 50 --rounds 30 --engines ray -c "min-partition-size=0"   # paper setting, 1,000 clients
 
 Each point runs the paper's preset with a different ``num-clients`` on the same total data (the
-25,569 training and 7,600 test rows split among more, smaller clients; 4 clusters), on two engines:
+25,569 training and 7,600 test rows split among more, smaller clients; ``--clusters``, 4 by default), on two engines:
 
 - ``ray``: a real launch (``python -m fedhlm_app.tools.launch``: SuperLink, ``flwr run``, Ray actors), so
   the round includes Flower's simulation engine dispatching every message to a Ray actor;
@@ -14,7 +15,8 @@ Each point runs the paper's preset with a different ``num-clients`` on the same 
 A threshold round is two message exchanges with every client (calibrate; then the LLM's feedback
 and a local tau update) plus the LLM's verification and the edge-then-cloud aggregation. The table
 shows the median round over ``--rounds`` rounds and its growth from the first point, beside the
-growth of the client count. Features come from the project's feature cache (``fedhlm_app.paths.cache_dir``,
+growth of the client count, and for the Ray launches their wall time (setup, the head and threshold
+phases, inference) and peak memory (PSS of the whole process tree). Features come from the project's feature cache (``fedhlm_app.paths.cache_dir``,
 filled on first use), so featurization is not part of any round. Writes bench/results/rounds.json.
 """
 
@@ -48,8 +50,10 @@ def inprocess_round_median(run_name: str, preset: str, overrides: list[str], cac
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", default="20,50,100,200", help="comma-separated client counts")
-    parser.add_argument("--rounds", type=int, default=10, help="threshold rounds per launch")
+    parser.add_argument("--clients", default="20,200,1000", help="comma-separated client counts")
+    parser.add_argument("--rounds", type=int, default=5, help="threshold rounds per launch")
+    parser.add_argument("--clusters", type=int, default=4, help="edge servers (num-clusters)")
+    parser.add_argument("-c", "--run-config", action="append", default=[], help="extra overrides, as for the launcher")
     parser.add_argument("--preset", default=str(ROOT / "conf" / "paper.toml"))
     parser.add_argument("--cache-dir", default=str(paths.cache_dir("")), help="feature cache (default: the project's, fedhlm_app.paths)")
     parser.add_argument("--engines", default="ray,inprocess", help="ray and/or inprocess")
@@ -60,8 +64,8 @@ def main() -> int:
     except ValueError:
         raise SystemExit(f"bench/rounds.py: --clients must be integers separated by commas, got '{args.clients}'") from None
     engines = args.engines.split(",")
-    if min(counts) < 4 or args.rounds < 1 or not set(engines) <= {"ray", "inprocess"}:
-        raise SystemExit("bench/rounds.py: need at least 4 clients (one per cluster), 1 round, engines ray/inprocess")
+    if min(counts) < args.clusters or args.rounds < 1 or not set(engines) <= {"ray", "inprocess"}:
+        raise SystemExit("bench/rounds.py: need at least one client per cluster, 1 round, engines ray/inprocess")
 
     results_dir = ROOT / "bench" / "results" / "runs"
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +73,7 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = []
     for n in counts:
-        overrides = [f"num-clients={n} threshold-rounds={args.rounds}"]
+        overrides = [f"num-clients={n} num-clusters={args.clusters} threshold-rounds={args.rounds}", *args.run_config]
         row: dict = {"clients": n}
         for engine in engines:
             print(f"bench/rounds.py: {n} clients, {engine} ...", flush=True)
@@ -92,6 +96,13 @@ def main() -> int:
             row[f"{e}_growth"] = row[f"{e}_round_s"] / base[f"{e}_round_s"]
             cells += [f"{row[f'{e}_round_s']:.3f}", f"{row[f'{e}_growth']:.2f}x"]
         print("| " + " | ".join(cells) + " |")
+    if "ray" in engines:
+        print("\n| clients | launch wall (s) | setup (s) | head phase (s) | threshold phase (s) | inference (s) | peak memory (GB) |")
+        print("|---|---|---|---|---|---|---|")
+        for row in rows:
+            r = row["ray_run"]
+            print(f"| {row['clients']} | {r['wall_s']:.1f} | {r['setup_s']:.1f} | {r['head_s']:.1f} | {r['threshold_s']:.1f} | "
+                  f"{r['inference_s']:.1f} | {r['peak_pss_gb']:.2f} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"rows": rows, "rounds_per_launch": args.rounds}, indent=2) + "\n")
     return 0

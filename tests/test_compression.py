@@ -157,3 +157,21 @@ def test_uncompressed_messages_carry_the_whole_model():
     for a, b in zip(sync.client_model(0, upload), model):
         np.testing.assert_array_equal(a, b)
     assert whole(model).tables[2].rows.size == 3000  # a whole model sent exactly: its non-zero rows
+
+
+def test_a_malformed_or_stale_model_update_is_rejected_with_its_reason():
+    from flwr.app import MetricRecord, RecordDict
+
+    from fedhlm_app.app.protocol import ModelUpdate, node_update, pack_model
+
+    rng = np.random.default_rng(9)
+    sync = ModelSync(Codec("int4", 0.1), Codec("int4", 0.5))
+    start = _model(rng)
+    sync.broadcast(0, start)
+    good = ModelUpdate(client_upload(_model(rng), start, 0, sync.codec_up, ErrorFeedback()), {"num-examples": 3.0}).pack()
+    assert node_update(1, good, lambda m: sync.client_model(0, m)).problem is None
+    broken = RecordDict({"model": pack_model(ModelDelta(0, 0, [])), "metrics": MetricRecord({"num-examples": 3.0})})
+    broken["model"]["codes"] = broken["model"]["meta"]  # bytes that do not add up
+    assert "malformed" in node_update(2, broken, lambda m: sync.client_model(0, m)).problem
+    stale = ModelUpdate(client_upload(_model(rng), start, 7, sync.codec_up, ErrorFeedback()), {"num-examples": 3.0}).pack()
+    assert "version 7" in node_update(3, stale, lambda m: sync.client_model(0, m)).problem

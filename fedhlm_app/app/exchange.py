@@ -44,9 +44,11 @@ class Exchange:
     def __call__(self, phase: str, message_type: str, contents: dict[int, RecordDict], rnd: int | None = None) -> dict[int, Message]:
         contents = {node: content for node, content in contents.items() if node not in self.dropped}
         self.nodes.update(contents)
-        messages = []
+        messages, bookings = [], {}
         for node, content in contents.items():
-            self._book(phase, instruction_bookings(content))
+            if id(content) not in bookings:  # a content several nodes share (a cluster's broadcast) is measured once
+                bookings[id(content)] = instruction_bookings(content)
+            self._book(phase, bookings[id(content)])
             messages.append(Message(content, dst_node_id=node, message_type=message_type))
         received = send_and_receive(self.grid, messages, self.timeout)
         # Errors the SuperLink writes itself (node unavailable) come from the SuperLink's id.

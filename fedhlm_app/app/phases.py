@@ -258,8 +258,13 @@ def threshold_phase(run: Run) -> None:
         starts = {c: p.tau_edge.get(c, p.tau_global) for c in set(run.cluster_of.values())}
         round_config = run.aggregator.configure(THRESHOLD_UPDATE.name, rnd, {c: [np.array([t])] for c, t in starts.items()},
                                                 [np.array([p.tau_global])], is_cloud_round(rnd, last, run.cfg.cloud_every))
-        contents = {node: Calibrate(starts[cluster], rnd, _prototypes_for(run, node), round_config[cluster]).pack()
-                    for node, cluster in run.cluster_of.items()}
+        shared: dict[int, RecordDict] = {}  # per cluster: one instruction for the clients whose prototypes are current
+        contents = {}
+        for node, cluster in run.cluster_of.items():
+            prototypes = _prototypes_for(run, node)
+            if prototypes is None and cluster not in shared:
+                shared[cluster] = Calibrate(starts[cluster], rnd, None, round_config[cluster]).pack()
+            contents[node] = shared[cluster] if prototypes is None else Calibrate(starts[cluster], rnd, prototypes, round_config[cluster]).pack()
         asked = {n: Escalation.unpack(r.content) for n, r in run.exchange("threshold", protocol.CALIBRATE, contents, rnd).items()}
         feedback = verify(run, "threshold", asked, f"threshold round {rnd}")
         round_items = sum(len(e.batch) for e in asked.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,13 @@ class Run:
     def ledger(self) -> Ledger:
         return self.exchange.ledger
 
-    @property
+    # The phases read these per node: computed once (``info`` is set at setup; a node's cluster and
+    # partition never change, re-reading its info after the encoder is installed keeps them).
+    @cached_property
     def cluster_of(self) -> dict[int, int]:
         return {node: i.cluster_id for node, i in self.info.items()}
 
-    @property
+    @cached_property
     def partition_of(self) -> dict[int, int]:
         """node -> partition id (how a resumed run finds its clients again)."""
         return {node: i.partition_id for node, i in self.info.items()}

@@ -44,13 +44,20 @@ class Placement:
     @staticmethod
     def of(node_config: dict, cfg: RunConfig) -> Placement:
         """Deployment: ``cluster-id`` (and ``data-path``, ``hostile``) from the node config; simulation:
-        the cluster is a rule on the partition id, and the first ``hostile-clients`` of each are hostile."""
-        pid = int(node_config.get("partition-id", 0))
-        n = int(node_config.get("num-partitions", cfg.num_clients))
-        cluster = int(node_config["cluster-id"]) if "cluster-id" in node_config else cluster_of_partition(pid, n, cfg.num_clusters)
-        members = [p for p in range(n) if cluster_of_partition(p, n, cfg.num_clusters) == cluster]
-        hostile = bool(node_config.get("hostile", is_hostile(pid, members, cfg.hostile_clients)))
-        return Placement(pid, n, cluster, str(node_config.get("data-path", "")), hostile)
+        the cluster is a rule on the partition id, and the first ``hostile-clients`` of each are hostile.
+        Once per process and node (a ClientApp reads it on every message; the rule walks every partition)."""
+        return _placement(tuple(sorted(node_config.items())), cfg)
+
+
+@lru_cache(maxsize=4096)
+def _placement(node_items: tuple, cfg: RunConfig) -> Placement:
+    node_config = dict(node_items)
+    pid = int(node_config.get("partition-id", 0))
+    n = int(node_config.get("num-partitions", cfg.num_clients))
+    cluster = int(node_config["cluster-id"]) if "cluster-id" in node_config else cluster_of_partition(pid, n, cfg.num_clusters)
+    members = [p for p in range(n) if cluster_of_partition(p, n, cfg.num_clusters) == cluster]
+    hostile = bool(node_config.get("hostile", is_hostile(pid, members, cfg.hostile_clients)))
+    return Placement(pid, n, cluster, str(node_config.get("data-path", "")), hostile)
 
 
 @dataclass(frozen=True)

@@ -211,15 +211,16 @@ def _refresh_peers(run: Run, replies: dict[int, Message]) -> None:
     if peers.scope != "none":
         # Each edge shares its prototypes through the cloud when they moved, and gets its neighbours' when theirs did.
         for cluster, own in peers.prototypes().items():
+            size = protocol.prototypes_size(Prototypes(own, []))  # one cluster's prototypes
             if prototypes_changed(run.edge_prototypes_sent.get(cluster), own):
                 run.edge_prototypes_sent[cluster] = own
-                run.ledger.add("p2p", "edge->cloud", protocol.prototypes_size(Prototypes(own, [])))
+                run.ledger.add("p2p", "edge->cloud", size)
             view = peers.view(cluster)
             if view is not None and view.neighbours:
                 theirs = np.stack(view.neighbours)
                 if prototypes_changed(run.neighbour_prototypes_sent.get(cluster), theirs):
                     run.neighbour_prototypes_sent[cluster] = theirs
-                    run.ledger.add("p2p", "cloud->edge", protocol.prototypes_size(Prototypes(own, [])) * len(view.neighbours))
+                    run.ledger.add("p2p", "cloud->edge", size * len(view.neighbours))
 
 
 def verify(run: Run, phase: str, asked: dict[int, Escalation], where: str) -> dict[int, Feedback]:

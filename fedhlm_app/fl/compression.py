@@ -11,8 +11,7 @@ the rows it changes and their values in one of ``VALUE_FORMATS``:
 
 What travels is a *delta* from a model both ends hold, and only its largest rows: a sender keeps
 the ``share`` of its changed rows with the largest L2 norm, in tables of at least
-``SPARSE_MIN_ROWS`` rows (the n-gram table, 2^17 rows, of which a client touches a fifth and
-moves a few hundred far); smaller arrays (the embedding weights, biases), whose every row changes
+``SPARSE_MIN_ROWS`` rows (the n-gram table: 2^17 rows, of which a client touches about a fifth); smaller arrays (the embedding weights, biases), whose every row changes
 in every round, travel whole. What was not sent, and the quantization error, stays in the
 sender's ``ErrorFeedback`` and is added to its next delta (Seide et al. 2014; Stich et al. 2018),
 so nothing learned is dropped, only delayed.

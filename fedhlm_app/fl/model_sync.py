@@ -111,6 +111,11 @@ def whole(params: Params, version: int = 0) -> ModelDelta:
     return ModelDelta(FROM_ZERO, version, encode_model(params, EXACT))
 
 
+def uncompressed(params: Params) -> ModelDelta:
+    """A whole model as uncompressed training sends it: every row, in float32."""
+    return ModelDelta(FROM_ZERO, 0, encode_model(params, EXACT, every_row=True))
+
+
 @dataclass
 class ModelSync:
     """What each cluster's clients hold of one model, and what each node has applied."""
@@ -131,7 +136,7 @@ class ModelSync:
         ``codec``, by default the broadcast codec); the replica moves."""
         if not self.compressed:
             self.held[cluster] = [np.asarray(t, np.float32) for t in target]
-            return ModelDelta(FROM_ZERO, 0, encode_model(self.held[cluster], EXACT, every_row=True))
+            return uncompressed(self.held[cluster])
         if cluster not in self.held:  # first contact: the model itself, exactly
             self.held[cluster], self.version[cluster] = [np.asarray(t, np.float32).copy() for t in target], 0
             return whole(self.held[cluster])
@@ -170,7 +175,7 @@ class ModelSync:
     def edge_upload(self, cluster: int, model: Params) -> tuple[ModelDelta, Params]:
         """What an edge sends the cloud for its aggregate ``model``, and the model the cloud rebuilds from it."""
         if not self.compressed:
-            return ModelDelta(FROM_ZERO, 0, encode_model(model, EXACT, every_row=True)), model
+            return uncompressed(model), model
         feedback = self.edge_feedback.setdefault(cluster, ErrorFeedback())
         base = self.held[cluster]
         tables, sent = feedback.compress(subtract(model, base), self.codec_up)
@@ -182,6 +187,6 @@ def client_upload(trained: Params, start: Params, start_version: int, codec: Cod
     """What a client sends for its ``trained`` model: the compressed delta from the replica it started
     from (with its error feedback), or, uncompressed, the whole model."""
     if codec is None:
-        return ModelDelta(FROM_ZERO, 0, encode_model(trained, EXACT, every_row=True))
+        return uncompressed(trained)
     tables, _ = feedback.compress(subtract(trained, start), codec)
     return ModelDelta(start_version, start_version, tables)

@@ -318,7 +318,8 @@ def results_of(o: RunOutcome, policies: dict[str, dict[str, float]]) -> dict[str
     cfg, info, evaluation, ledger, rounds = o.cfg, o.info, o.evaluation, o.ledger, o.progress.rounds
     ours = policies["fedhlm"]
     ours_p2p = p2p_summary(evaluation["fedhlm"])
-    llm_bytes = {name: ledger.total(f"inference:{name}", "client->llm") for name in policies}
+    traffic = communication(ledger, ours["num_items"], list(policies))
+    llm_bytes = traffic["inference_llm_bytes"]
     llm_use = _llm_use(o, policies, llm_bytes)
     clients = _client_rows(o)
     clusters = {}
@@ -355,7 +356,7 @@ def results_of(o: RunOutcome, policies: dict[str, dict[str, float]]) -> dict[str
         "clients": clients,
         "adapted_queries": float(np.mean([c["adapted_queries"] for c in clients])) if clients else 0.0,
         "clusters": clusters,
-        "communication": communication(ledger, ours["num_items"], list(policies)),
+        "communication": traffic,
         "failures": o.failures,
         "dropouts": _dropouts(info, o.dropped),
         "rejected_updates": o.rejected,  # invalid updates dropped before aggregation

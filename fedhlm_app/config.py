@@ -23,6 +23,7 @@ from typing import Any
 from fedhlm_app.fl.compression import VALUE_FORMATS, Codec
 from fedhlm_app.fl.strategies import DP_WRAPPERS, FLOWER_STRATEGIES, NO_EDGE, StrategyError, is_strategy_name, parse_args
 from fedhlm_app.oracle.base import BACKENDS
+from fedhlm_app.routing.peer_bound import PeerCosts
 from fedhlm_app.slm.uncertainty import MEASURES
 
 DATA_SOURCES = ("auto", "hub", "local")
@@ -137,12 +138,12 @@ class RunConfig:
     static_threshold: float = _unit()
     # peer-to-peer resolution
     p2p: bool = _anything("true or false")
-    p2p_delta: float = _key(lambda v: -1.0 <= v <= 1.0, "a cosine in [-1, 1]")
-    p2p_margin: float = _key(lambda v: 0.0 <= v <= 2.0, "a number in [0, 2]")
+    p2p_max_error: float = _key(lambda v: 0.0 < v < 1.0, "a number in (0, 1) (the largest accepted probability that a peer answer is wrong)")
     p2p_neighbours: str = _one_of(NEIGHBOUR_SCOPES)
     p2p_neighbour_k: int = _positive("an integer >= 1")
     p2p_cost: float = _at_least(0, "a number >= 0 (cost of a peer attempt, in LLM calls when llm-cost = 1)")
     llm_cost: float = _positive("a number > 0")
+    p2p_error_cost: float = _at_least(0, "a number >= 0 (cost of a wrong peer answer, in LLM calls when llm-cost = 1)")
     # aggregation and oracle
     edge_strategy: str = _key(lambda v: v == NO_EDGE or is_strategy_name(v), f"'{NO_EDGE}' (flat: no edge tier) or {STRATEGY_RULE}")
     edge_strategy_args: str = _key(_is_args_table, ARGS_RULE)
@@ -173,6 +174,11 @@ class RunConfig:
                 raise ConfigError(f"run config '{key}' = {value}: must be <= num-clients ({self.num_clients})")
         if self.resuming and not self.run_name:
             raise ConfigError(f"run config 'resume' = {self.resume}: needs a 'run-name' (the checkpoint is results-dir/run-name/checkpoint.pkl)")
+
+    @property
+    def peer_costs(self) -> PeerCosts:
+        """What the opportunistic P2P rule weighs: a peer attempt, an LLM call, a wrong peer answer."""
+        return PeerCosts(self.p2p_cost, self.llm_cost, self.p2p_error_cost)
 
     @property
     def upload_codec(self) -> Codec | None:

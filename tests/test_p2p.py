@@ -2,15 +2,10 @@ import numpy as np
 import pytest
 
 from fedhlm_app.reporting.ledger import Ledger
-from fedhlm_app.routing.p2p import (
-    ClassSums,
-    PeerCoordinator,
-    neighbours,
-    peer_accepts,
-    resolve,
-    wilson_interval,
-    worth_trying,
-)
+from fedhlm_app.routing.p2p import ClassSums, PeerCoordinator, Prototypes, margin_scores, neighbours, resolve
+from fedhlm_app.routing.peer_bound import NEVER, NUM_BINS, SCORE_EDGES, PeerCosts, PeerEvidence, error_bound, wilson_interval, worth_trying
+
+COSTS = PeerCosts(p2p=0.05, llm=1.0, error=1.0)
 
 
 def _unit(x):
@@ -27,40 +22,103 @@ def test_prototype_from_client_sums_equals_prototype_of_pooled_embeddings():
     assert np.allclose(summed.prototypes(), expected)
 
 
-def test_far_away_item_is_never_accepted():
-    protos = np.array([[1.0, 0, 0], [0, 1.0, 0]])
-    far = _unit(np.array([[0, 0, 1.0], [-1.0, 0, 0.01]]))
-    for delta in (0.1, 0.5, 0.9):
-        assert not peer_accepts(far, np.array([0, 0]), protos, delta, 0.0).any()
-    near = _unit(np.array([[1.0, 0.1, 0]]))
-    assert peer_accepts(near, np.array([0]), protos, 0.9, 0.5).all()
-    assert not peer_accepts(near, np.array([1]), protos, 0.0, 0.0).any()  # closer to another class
+def test_margin_score_is_the_lead_of_the_draft_class_and_empty_prototypes_never_confirm():
+    protos = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    item = _unit(np.array([[1.0, 0.5]]))
+    cos = item @ protos[:2].T
+    assert margin_scores(item, np.array([0]), protos)[0] == pytest.approx(cos[0, 0] - cos[0, 1])
+    assert margin_scores(item, np.array([1]), protos)[0] < 0  # closer to another class
+    assert margin_scores(item, np.array([2]), protos)[0] == -np.inf
 
 
-def test_margin_requires_a_clear_winner_and_empty_prototypes_never_match():
-    protos = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 0.0]])
-    item = _unit(np.array([[1.0, 0.05]]))
-    assert peer_accepts(item, np.array([0]), protos, 0.5, 0.0).all()
-    assert not peer_accepts(item, np.array([0]), protos, 0.5, 0.05).any()
-    assert not peer_accepts(item, np.array([2]), protos, -1.0, 0.0).any()
-
-
-def test_resolve_tries_own_cluster_then_neighbours():
+def test_resolve_tries_own_cluster_then_neighbours_under_the_certified_thresholds():
     own = np.array([[1.0, 0, 0], [0, 1.0, 0]])
     neighbour = np.array([[0, 0, 1.0], [0, 1.0, 0]])
-    x = _unit(np.array([[1.0, 0, 0], [0, 0.05, 1.0], [0.5, 0.5, 0.5]]))
-    tiers = resolve(x, np.array([0, 0, 1]), own, [neighbour], delta=0.9, margin=0.1)
-    assert tiers.tolist() == [1, 2, 3]
+    x = _unit(np.array([[1.0, 0, 0], [0.05, 0, 1.0], [0.5, 0.5, 0.5]]))
+    prototypes = Prototypes(own, [neighbour])
+    assert resolve(x, np.array([0, 0, 1]), prototypes, np.array([0.5, 0.5])).tolist() == [1, 2, 3]
+    assert resolve(x, np.array([0, 0, 1]), prototypes, np.array([NEVER, 0.5])).tolist() == [3, 3, 3]
 
 
-def test_opportunistic_rule_switches_p2p_off_below_the_cost_ratio():
-    assert worth_trying(0.30, 0.05, 1.0) and not worth_trying(0.04, 0.05, 1.0)
-    peers = PeerCoordinator("none", 1, cost_p2p=0.3, cost_llm=1.0)
-    peers.record(0, attempts=100, hits=10, false_hits=2)   # h ~ 0.11 < 0.3
-    peers.record(1, attempts=100, hits=60, false_hits=5)   # h ~ 0.60 > 0.3
-    assert not peers.enabled(0) and peers.enabled(1)
-    peers.refresh({})  # a new round: statistics describe the latest prototypes only
-    assert peers.enabled(0) == worth_trying(0.5, 0.3, 1.0)
+def _synthetic_cluster(rng, n, error_of_score):
+    """Held-out items of one draft class with uniform scores and a known error probability per score."""
+    scores = rng.uniform(-0.1, 0.45, size=n)
+    return scores, rng.random(n) < error_of_score(scores)
+
+
+def _true_error(threshold, error_of_score):
+    """Exact error of the items a threshold accepts, for uniform scores on [-0.1, 0.45]."""
+    grid = np.linspace(threshold, 0.45, 20001)
+    return float(np.mean(error_of_score(grid)))
+
+
+@pytest.mark.parametrize("epsilon", [0.02, 0.05, 0.1])
+def test_certified_thresholds_keep_the_true_error_below_epsilon(epsilon):
+    """Synthetic clusters whose true error per score is known: the true error of what the bound
+    certifies exceeds epsilon in at most about 5% of clusters (95% confidence), and a region whose
+    error is far below epsilon is found."""
+    error_of_score = lambda s: np.clip(0.5 - 2.5 * s, 0.0, 1.0) * 0.6  # noqa: E731 - 0.3 at s = 0, 0 from s = 0.2
+    rng = np.random.default_rng(7)
+    violations, certified = 0, 0
+    trials = 300
+    for _ in range(trials):
+        scores, wrong = _synthetic_cluster(rng, 1000, error_of_score)
+        threshold = PeerEvidence.of(scores, np.zeros(len(scores), np.int64), wrong, 1).certify(epsilon)[0]
+        if threshold != NEVER:
+            certified += 1
+            violations += _true_error(threshold, error_of_score) > epsilon
+    assert certified == trials  # with 1,000 held-out items a safe region always exists here
+    assert violations / trials <= 0.08  # 5% nominal, with room for the binomial noise of 300 trials
+
+
+def test_a_class_without_enough_held_out_items_never_takes_peer_answers():
+    scores, wrong = np.full(20, 0.3), np.zeros(20, bool)  # perfect, but 20 items cannot show error <= 0.05
+    assert error_bound(0, 20) > 0.05
+    assert PeerEvidence.of(scores, np.zeros(20, np.int64), wrong, 1).certify(0.05)[0] == NEVER
+
+
+def test_testing_stops_at_the_first_failing_threshold():
+    # 200 clean items at s = 0.3, then 200 items at s = 0.1 that are half wrong, then 2000 clean ones at 0.0:
+    # the lowest threshold alone would pass (about 4% error), but testing stops where the error first fails.
+    scores = np.concatenate([np.full(200, 0.3), np.full(200, 0.1), np.full(2000, 0.0)])
+    wrong = np.concatenate([np.zeros(200, bool), np.arange(200) % 2 == 0, np.zeros(2000, bool)])
+    evidence = PeerEvidence.of(scores, np.zeros(len(scores), np.int64), wrong, 1)
+    thresholds = evidence.certify(0.05)
+    assert 0.1 < thresholds[0] <= 0.3  # the lowest edge that still leaves out the s = 0.1 items
+    assert evidence.accepted(thresholds) == (2400, 200, 0)
+
+
+def test_evidence_adds_up_and_counts_what_thresholds_accept():
+    a = PeerEvidence.of(np.array([0.05, 0.25, -0.2]), np.array([0, 1, 1]), np.array([True, False, False]), 2)
+    b = PeerEvidence.of(np.array([0.3]), np.array([1]), np.array([True]), 2)
+    total = a + b
+    assert total.items.shape == (2, NUM_BINS) and total.items.sum() == 4 and total.wrong.sum() == 2
+    assert total.accepted(np.array([0.0, 0.2])) == (4, 3, 2)
+    assert total.accepted(np.array([NEVER, 0.26])) == (4, 1, 1)
+    assert SCORE_EDGES[0] == 0.0  # negative scores (the draft is not the nearest class) fall below every threshold
+
+
+def test_opportunistic_rule_prices_false_reuse():
+    scores = np.full(1000, 0.3)
+    drafts = np.zeros(1000, np.int64)
+    few_wrong = PeerEvidence.of(scores, drafts, np.arange(1000) % 100 == 0, 1)  # 1% wrong
+    assert worth_trying(few_wrong, np.array([0.0]), COSTS)
+    many_wrong = PeerEvidence.of(scores, drafts, np.arange(1000) % 2 == 0, 1)  # half of the answers wrong
+    assert worth_trying(many_wrong, np.array([0.0]), PeerCosts(0.05, 1.0, 0.0))  # free errors: half the LLM calls saved
+    assert not worth_trying(many_wrong, np.array([0.0]), COSTS)  # priced: 0.05 + 0.5 + 0.5 > 1
+    assert not worth_trying(few_wrong, np.array([NEVER]), COSTS)  # nothing certified: peers are not tried
+    assert not worth_trying(few_wrong, np.array([0.0]), PeerCosts(0.05, 1.0, 100.0))  # errors priced out
+
+
+def test_coordinator_certifies_per_cluster_and_tries_peers_only_where_they_pay():
+    coord = PeerCoordinator("none", 1, max_error=0.05, costs=COSTS)
+    clean = PeerEvidence.of(np.full(500, 0.3), np.zeros(500, np.int64), np.zeros(500, bool), 2)
+    noisy = PeerEvidence.of(np.full(500, 0.3), np.zeros(500, np.int64), np.arange(500) % 3 == 0, 2)
+    coord.certify({10: (0, clean), 11: (0, clean), 12: (1, noisy)})
+    assert coord.evidence[0].items.sum() == 1000
+    assert coord.evidence[0].accepted(coord.thresholds[0]) == (1000, 1000, 0) and coord.thresholds[0][1] == NEVER
+    assert coord.thresholds[1][0] == NEVER
+    assert coord.enabled(0) and not coord.enabled(1) and not coord.enabled(2)
 
 
 def test_nearest_neighbour_scope_picks_the_most_similar_cluster():
@@ -77,6 +135,7 @@ def test_wilson_interval():
     assert wilson_interval(0, 0) == (0.0, 1.0)
     lo, hi = wilson_interval(0, 50)
     assert lo == 0.0 and 0 < hi < 0.1
+    assert error_bound(0, 0) == 1.0 and error_bound(5, 100) < wilson_interval(5, 100)[1]  # one-sided is tighter
 
 
 def test_ledger_books_p2p_separately():
@@ -87,7 +146,7 @@ def test_ledger_books_p2p_separately():
 
 
 def test_coordinator_view_follows_every_refresh():
-    coord = PeerCoordinator("all", 1, cost_p2p=0.05, cost_llm=1.0)
+    coord = PeerCoordinator("all", 1, max_error=0.05, costs=COSTS)
     assert coord.view(0) is None  # no sums yet
     coord.refresh({10: (0, ClassSums.of(np.eye(2), np.array([0, 1]), 2)), 11: (1, ClassSums.of(np.eye(2), np.array([1, 0]), 2))})
     own, others = coord.view(0).own, coord.view(0).neighbours

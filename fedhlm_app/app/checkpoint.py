@@ -26,7 +26,7 @@ from fedhlm_app.config import RunConfig
 from fedhlm_app.fl.model_sync import ModelSync
 
 CHECKPOINT_FILE = "checkpoint.pkl"
-FORMAT = 4  # 4: trained models keep what the clients hold of them (``ModelSync``)
+FORMAT = 5  # 5: P2P certifies peer answers from held-out evidence (``PeerCoordinator``)
 # Keys that may differ between a run and its resume: they change how, not what, it computes.
 RESUMABLE_CHANGES = ("resume", "round-timeout", "min-clients", "min-active-clients", "oracle-timeout", "oracle-retries",
                      "oracle-concurrency", "oracle-api-key", "oracle-url", "results-dir", "cache-dir", "data-dir")

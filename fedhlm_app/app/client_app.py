@@ -64,6 +64,12 @@ def train_threshold(msg: Message, context: Context) -> Message:
     return _reply(msg, Node.of(context).train_threshold(protocol.Feedback.unpack(msg.content)).pack())
 
 
+@app.query("check_peers")
+def check_peers(msg: Message, context: Context) -> Message:
+    """Score peer answers on the held-out items this client escalates."""
+    return _reply(msg, protocol.pack_evidence(Node.of(context).check_peers(protocol.CheckPeers.unpack(msg.content))))
+
+
 @app.query("route")
 def route(msg: Message, context: Context) -> Message:
     """Route the queries under a policy; send the escalated ones."""

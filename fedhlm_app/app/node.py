@@ -17,7 +17,8 @@ state               what                                      written by
                                                               ``train_threshold``
 ``round_config``    what the threshold round's strategies     ``calibrate``
                     ask (FedProx's mu, a clipping norm)
-``prototypes``      the cluster's P2P prototypes              ``calibrate``, ``route``
+``prototypes``      the cluster's P2P prototypes              ``calibrate``, ``check_peers``,
+                                                              ``route``
 ``class_sums_sent`` the class sums last shared with the edge  ``train_threshold``
 ``tiers``           where each query went under the policy    ``route``, read by ``score``
                     being evaluated
@@ -42,6 +43,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 
 from fedhlm_app.app.protocol import (
     Calibrate,
+    CheckPeers,
     ClientMemory,
     Escalation,
     Feedback,
@@ -67,6 +69,7 @@ from fedhlm_app.oracle.base import EscalationBatch
 from fedhlm_app.paths import cache_dir
 from fedhlm_app.routing import router
 from fedhlm_app.routing.p2p import ClassSums, Prototypes, prototypes_changed
+from fedhlm_app.routing.peer_bound import PeerEvidence
 from fedhlm_app.routing.threshold import ThresholdConfig, local_update, loss, personalize
 from fedhlm_app.slm.finetune import TuningConfig, get_tuner
 from fedhlm_app.slm.head import HeadConfig, head_from_config
@@ -287,7 +290,7 @@ class Node:
         return Escalation(self._batch(self.data.calibration.texts, routing, ids), len(routing.drafts), tau)
 
     def train_threshold(self, feedback: Feedback) -> ThresholdReply:
-        """Merge the LLM's verdicts, measure P2P on them, step tau_i, share prototype sums if they moved."""
+        """Merge the LLM's verdicts, step tau_i, share the class sums of the fit items until the edge has them."""
         cfg, data = self.cfg, self.data
         calibration = self._routing("calibration")
         known = self.state.feedback
@@ -296,7 +299,7 @@ class Node:
                               np.concatenate([known.final, feedback.verdict.final]).astype(np.int64), None)
         self.state.feedback = memory
         tau = self.state.tau
-        metrics: dict[str, float] = {"num-examples": len(data.calibration), **self._peer_check(calibration, memory, tau)}
+        metrics: dict[str, float] = {"num-examples": len(data.calibration)}
         asked = self.state.round_config
         tcfg = ThresholdConfig(kappa=cfg.kappa, lam=cfg.lambda_, lr=cfg.threshold_lr, local_steps=cfg.threshold_local_steps,
                                proximal_mu=asked.proximal_mu)
@@ -310,43 +313,42 @@ class Node:
         metrics.update({"loss": loss(tau, h_known, memory.beta, tcfg.lam, tcfg.kappa, n),
                         "escalation-rate": float(np.mean(h > tau)) if len(h) else 0.0, "feedback-items": len(memory.ids)})
         sent = attacks.POISONED_TAU if self.placement.hostile else tau
-        return ThresholdReply(sent, metrics, self._moved_class_sums(calibration, tau, memory) if cfg.p2p else None)
+        return ThresholdReply(sent, metrics, self._moved_class_sums() if cfg.p2p else None)
 
-    def _peer_check(self, calibration: router.Routing, memory: ClientMemory, tau: float) -> dict[str, int]:
-        """Would peers have answered the items this client escalates, and how often wrongly?
-        Measured on every escalated item with a known LLM verdict; training itself still asks the
-        LLM about every item, since its verdict is the learning signal."""
-        prototypes = self.state.prototypes
-        if not self.cfg.p2p or prototypes is None:
-            return {"p2p-attempts": 0, "p2p-hits": 0, "p2p-false-hits": 0}
-        selected = calibration.uncertainty[memory.ids] > tau
-        items, finals = memory.ids[selected], memory.final[selected]
-        drafts = calibration.drafts[items]
-        hits = router.peer_tiers(self.data.calibration.x[items], drafts, prototypes, self.cfg.p2p_delta, self.cfg.p2p_margin) < router.LLM
-        return {"p2p-attempts": len(items), "p2p-hits": int(hits.sum()), "p2p-false-hits": int(np.sum(hits & (finals != drafts)))}
-
-    def _moved_class_sums(self, calibration: router.Routing, tau: float, memory: ClientMemory) -> ClassSums | None:
-        """This client's resolved class sums, when they move its prototypes (the edge keeps the latest)."""
+    def _moved_class_sums(self) -> ClassSums | None:
+        """The class sums of this client's labelled fit items, when they differ from what the edge
+        holds (the edge keeps the latest). Calibration items never enter them: they are the held-out
+        items the error of peer answers is estimated on."""
         data = self.data
-        sums = router.resolved_class_sums(self._routing("fit"), data.fit.x, calibration, data.calibration.x, tau,
-                                          memory.ids, memory.final, data.num_classes)
         # compare what the edge would hold: the sums as they travel (float16)
-        sums = unpack_class_sums(pack_class_sums(sums))
+        sums = unpack_class_sums(pack_class_sums(ClassSums.of(data.fit.x, data.fit.y, data.num_classes)))
         previous = self.state.class_sums_sent
         if not prototypes_changed(previous.prototypes() if previous is not None else None, sums.prototypes()):
             return None
         self.state.class_sums_sent = sums
         return sums
 
+    def check_peers(self, instruction: CheckPeers) -> PeerEvidence:
+        """How peers would answer the held-out items this client escalates under its threshold: the
+        calibration items above it whose LLM verdict it holds, scored against the cluster's prototypes."""
+        self._take_prototypes(instruction.prototypes)
+        prototypes, memory = self.state.prototypes, self.state.feedback
+        calibration = self._routing("calibration")
+        if prototypes is None:
+            return PeerEvidence.of(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, bool), calibration.probs.shape[1])
+        tau = self._starting_tau(instruction.tau_reference)
+        return router.peer_evidence(calibration, self.data.calibration.x, tau, prototypes, memory.ids, memory.final)
+
     # ---- inference ---------------------------------------------------------------------------
 
     def route(self, instruction: RouteQueries) -> Escalation:
         """Route the queries under the policy; send the ones that go to the LLM."""
         self._take_prototypes(instruction.prototypes)
-        cfg, policy = self.cfg, instruction.policy
+        policy = instruction.policy
         tau = self._starting_tau(policy.tau_reference) if policy.own_threshold else policy.tau
         routing = self._routing("test")
-        tiers = router.query_tiers(routing, self.data.test.x, tau, self.state.prototypes, policy.try_peers, cfg.p2p_delta, cfg.p2p_margin)
+        thresholds = instruction.peer_thresholds if policy.try_peers else None
+        tiers = router.query_tiers(routing, self.data.test.x, tau, self.state.prototypes, thresholds)
         self.state.tiers = tiers
         return Escalation(self._batch(self.data.test.texts, routing, np.flatnonzero(tiers == router.LLM)), len(tiers), tau)
 

@@ -4,9 +4,10 @@
 2. ``encoder_phase`` (``encoder-rounds`` > 0): federated fine-tuning of the encoder's top layers;
 3. ``head_phase``: federated training of the SLM head; ``install_head`` sends the result;
 4. ``threshold_phase``: clients escalate calibration items, the LLM oracle verifies them, clients
-   step tau, the aggregator averages tau (edge, then cloud); P2P prototypes are refreshed;
-5. ``inference_phase``: every client routes its test items under each policy (FedHLM and the
-   baselines), the oracle answers the escalated ones, clients score them.
+   step tau, the aggregator averages tau (edge, then cloud); P2P prototypes are built;
+5. ``inference_phase``: with P2P, each edge first certifies where peer answers meet the error
+   bound (``certify_peers``); every client routes its test items under each policy (FedHLM and
+   the baselines), the oracle answers the escalated ones, clients score them.
 
 Every phase checkpoints after each round (``Run.save``).
 """
@@ -201,13 +202,10 @@ def _prototypes_for(run: Run, node: int) -> Prototypes | None:
 
 
 def _refresh_peers(run: Run, replies: dict[int, Message]) -> None:
-    """Edge step of P2P: add up clients' per-class sums per cluster, record hit statistics."""
+    """Edge step of P2P: add up clients' per-class sums per cluster into its prototypes."""
     peers, cluster_of = run.peers, run.cluster_of
     sums = {node: protocol.ThresholdReply.class_sums_of(r.content) for node, r in replies.items()}
     peers.refresh({node: (cluster_of[node], s) for node, s in sums.items() if s is not None})
-    for node, reply in replies.items():
-        metrics = reply.content["metrics"]
-        peers.record(cluster_of[node], int(metrics["p2p-attempts"]), int(metrics["p2p-hits"]), int(metrics["p2p-false-hits"]))
     if peers.scope != "none":
         # Each edge shares its prototypes through the cloud when they moved, and gets its neighbours' when theirs did.
         for cluster, own in peers.prototypes().items():
@@ -221,6 +219,26 @@ def _refresh_peers(run: Run, replies: dict[int, Message]) -> None:
                 if prototypes_changed(run.neighbour_prototypes_sent.get(cluster), theirs):
                     run.neighbour_prototypes_sent[cluster] = theirs
                     run.ledger.add("p2p", "cloud->edge", size * len(view.neighbours))
+
+
+def certify_peers(run: Run) -> None:
+    """After threshold learning, each edge certifies where peer answers meet ``p2p-max-error``:
+    its clients score peer answers on the held-out items they escalate under the learned
+    threshold, and the edge adds their evidence up (``PeerCoordinator.certify``)."""
+    tau = run.progress.tau_global
+    contents = {node: protocol.CheckPeers(tau, _prototypes_for(run, node)).pack() for node in run.cluster_of}
+    replies = run.exchange("p2p", protocol.CHECK_PEERS, contents)
+    evidence = {}
+    for node, reply in replies.items():
+        try:
+            evidence[node] = (run.cluster_of[node], protocol.unpack_evidence(reply.content))
+        except Exception as exc:  # noqa: BLE001 - a malformed reply only loses that client's evidence
+            log(WARNING, "p2p: node %d sent malformed peer evidence (%s), left out", node, exc)
+    run.peers.certify(evidence)
+    for cluster, thresholds in run.peers.thresholds.items():
+        items, accepted, wrong = run.peers.evidence[cluster].accepted(thresholds)
+        log(INFO, "p2p: cluster %d certifies peer answers on %d of %d held-out items (%d wrong) at p2p-max-error %.3f; tried: %s",
+            cluster, accepted, items, wrong, run.peers.max_error, run.peers.enabled(cluster))
 
 
 def verify(run: Run, phase: str, asked: dict[int, Escalation], where: str) -> dict[int, Feedback]:
@@ -345,14 +363,17 @@ def policies(run: Run) -> dict[str, QueryPolicy]:
 def inference_phase(run: Run) -> dict[str, dict[int, dict[str, float]]]:
     """Phase 4: every routing policy on the same test items; per-client scores per policy."""
     evaluation: dict[str, dict[int, dict[str, float]]] = {}
+    if run.peers is not None:
+        certify_peers(run)
     for name, policy in policies(run).items():
         phase = f"inference:{name}"
         contents, tried = {}, {}
         for node, cluster in run.cluster_of.items():
-            # Opportunistic collaboration: peers only where the cluster's hit rate pays for them.
+            # Opportunistic collaboration: peers only where they pay, false reuse priced in.
             tried[node] = policy.try_peers and run.peers.enabled(cluster)
             node_policy = dataclasses.replace(policy, try_peers=tried[node])
-            contents[node] = RouteQueries(node_policy, _prototypes_for(run, node) if tried[node] else None).pack()
+            contents[node] = (RouteQueries(node_policy, _prototypes_for(run, node), run.peers.thresholds_of(cluster)) if tried[node]
+                              else RouteQueries(node_policy)).pack()
         asked = {n: Escalation.unpack(r.content) for n, r in run.exchange(phase, protocol.ROUTE, contents).items()}
         feedback = verify(run, phase, asked, phase)
         scored = run.exchange(phase, protocol.SCORE, {n: fb.pack() for n, fb in feedback.items()})

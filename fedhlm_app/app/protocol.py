@@ -15,8 +15,11 @@ message type               instruction (server -> client)               reply (c
 ``query.calibrate``        ``Calibrate`` (tau reference, round,         ``Escalation`` (items for the LLM)
                            refreshed P2P prototypes)
 ``train.threshold``        ``Feedback`` (the LLM's verdicts)            ``ThresholdReply`` (tau, metrics, class sums)
-``query.route``            ``RouteQueries`` (a routing policy,          ``Escalation``
-                           refreshed P2P prototypes)
+``query.check_peers``      ``CheckPeers`` (tau reference, refreshed     ``PeerEvidence`` (held-out peer outcomes)
+                           P2P prototypes)
+``query.route``            ``RouteQueries`` (a routing policy, the      ``Escalation``
+                           certified peer thresholds, refreshed
+                           P2P prototypes)
 ``evaluate.score``         ``Feedback``                                 per-client counts (``router.score``)
 =========================  ===========================================  =============================================
 
@@ -41,6 +44,7 @@ from fedhlm_app.fl.records import arrays_record, named_arrays, record_arrays, re
 from fedhlm_app.fl.tiers import NodeUpdate
 from fedhlm_app.oracle.base import EscalationBatch
 from fedhlm_app.routing.p2p import ClassSums, Prototypes
+from fedhlm_app.routing.peer_bound import NUM_BINS, PeerEvidence
 from fedhlm_app.routing.speculative import Verdict
 
 SETUP = "query.setup"
@@ -50,6 +54,7 @@ TRAIN_HEAD = "train.head"
 INSTALL_HEAD = "query.install_head"
 CALIBRATE = "query.calibrate"
 TRAIN_THRESHOLD = "train.threshold"
+CHECK_PEERS = "query.check_peers"
 ROUTE = "query.route"
 SCORE = "evaluate.score"
 
@@ -284,23 +289,59 @@ class QueryPolicy:
 
 
 @dataclass(frozen=True)
+class CheckPeers:
+    """After threshold learning: score peer answers on the held-out items escalated under the
+    reference tau. ``prototypes``: the cluster's refreshed P2P prototypes, only when they changed."""
+
+    tau_reference: float
+    prototypes: Prototypes | None = None
+
+    def pack(self) -> RecordDict:
+        return _with_prototypes(RecordDict({"config": ConfigRecord({"tau-reference": self.tau_reference})}), self.prototypes)
+
+    @staticmethod
+    def unpack(content: RecordDict) -> CheckPeers:
+        return CheckPeers(float(content["config"]["tau-reference"]), _prototypes_of(content))
+
+
+def pack_evidence(evidence: PeerEvidence) -> RecordDict:
+    return RecordDict({"evidence": named_arrays({"items": evidence.items.astype(np.int32), "wrong": evidence.wrong.astype(np.int32)})})
+
+
+def unpack_evidence(content: RecordDict) -> PeerEvidence:
+    """A client's peer evidence, checked: counts of the right shape, never negative, never more wrong than items."""
+    arrays = record_named_arrays(content["evidence"])
+    items, wrong = arrays["items"].astype(np.int64), arrays["wrong"].astype(np.int64)
+    if items.ndim != 2 or items.shape[1] != NUM_BINS or wrong.shape != items.shape or (wrong < 0).any() or (wrong > items).any():
+        raise ValueError(f"peer evidence must be two (classes, {NUM_BINS}) count arrays with 0 <= wrong <= items")
+    return PeerEvidence(items, wrong)
+
+
+@dataclass(frozen=True)
 class RouteQueries:
-    """Inference: route the test items under ``policy`` and send the escalated ones."""
+    """Inference: route the test items under ``policy`` and send the escalated ones. Where the policy
+    tries peers, ``peer_thresholds`` are the cluster's certified thresholds per draft class."""
 
     policy: QueryPolicy
     prototypes: Prototypes | None = None
+    peer_thresholds: np.ndarray | None = None
 
     def pack(self) -> RecordDict:
         p = self.policy
         config = ConfigRecord({"tau": float(p.tau), "own-threshold": p.own_threshold, "tau-reference": float(p.tau_reference),
                                "try-p2p": p.try_peers})
-        return _with_prototypes(RecordDict({"config": config}), self.prototypes)
+        content = _with_prototypes(RecordDict({"config": config}), self.prototypes)
+        if self.peer_thresholds is not None:
+            # float64: a client must draw exactly the line the edge certified (one number per class)
+            content["peer-thresholds"] = named_arrays({"thresholds": np.asarray(self.peer_thresholds, dtype=np.float64)})
+        return content
 
     @staticmethod
     def unpack(content: RecordDict) -> RouteQueries:
         c = content["config"]
         policy = QueryPolicy(float(c["tau"]), bool(c["own-threshold"]), float(c["tau-reference"]), bool(c["try-p2p"]))
-        return RouteQueries(policy, _prototypes_of(content))
+        thresholds = to_numpy(content["peer-thresholds"]["thresholds"]) if "peer-thresholds" in content else None
+        return RouteQueries(policy, _prototypes_of(content), thresholds)
 
 
 @dataclass(frozen=True)
@@ -394,16 +435,16 @@ def _items(content: RecordDict, record: str) -> int:
 
 
 def instruction_bookings(content: RecordDict) -> list[Booking]:
-    """An instruction: the LLM's verdicts travel on the LLM link, P2P prototypes are P2P traffic,
-    the rest is control traffic of the message's phase."""
+    """An instruction: the LLM's verdicts travel on the LLM link, P2P prototypes and peer thresholds
+    are P2P traffic, the rest is control traffic of the message's phase."""
     items = _items(content, "feedback")
     feedback = _part_size(content, "feedback") if items else 0
-    prototypes = _part_size(content, "prototypes")
-    out = [Booking("edge->client", serialized_size(content) - feedback - prototypes)]
+    peers = _part_size(content, "prototypes") + _part_size(content, "peer-thresholds")
+    out = [Booking("edge->client", serialized_size(content) - feedback - peers)]
     if items:
         out.append(Booking("llm->client", feedback, items))
-    if prototypes:
-        out.append(Booking("edge->client", prototypes, phase="p2p"))
+    if peers:
+        out.append(Booking("edge->client", peers, phase="p2p"))
     return out
 
 

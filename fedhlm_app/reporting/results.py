@@ -21,7 +21,8 @@ from fedhlm_app.config import RunConfig
 from fedhlm_app.paths import results_dir
 from fedhlm_app.reporting.communication import communication
 from fedhlm_app.reporting.ledger import Ledger
-from fedhlm_app.routing.p2p import TIERS, PeerCoordinator, wilson_interval
+from fedhlm_app.routing.p2p import TIERS, PeerCoordinator
+from fedhlm_app.routing.peer_bound import NEVER, wilson_interval
 
 if TYPE_CHECKING:
     from fedhlm_app.app.protocol import NodeInfo
@@ -160,7 +161,7 @@ def plot_thresholds(rounds: list[dict[str, Any]], uncertainty: str, path: Path) 
 
 
 def _p2p_block(
-    cfg: dict[str, Any],
+    cfg: RunConfig,
     evaluation: dict[str, dict[int, dict[str, float]]],
     info: dict[int, NodeInfo],
     policies: dict[str, dict[str, float]],
@@ -175,20 +176,23 @@ def _p2p_block(
     per_cluster = {}
     for cluster in sorted({i.cluster_id for i in info.values()}):
         members = {n: row for n, row in ours.items() if info[n].cluster_id == cluster}
-        stats = peers.stats.get(cluster)
+        thresholds = peers.thresholds.get(cluster)
+        held_out = peers.evidence[cluster].accepted(thresholds) if thresholds is not None else (0, 0, 0)
         per_cluster[str(cluster)] = {
             **p2p_summary(members),
             "tried": peers.enabled(cluster),
-            "training_hit_rate_estimate": stats.hit_rate() if stats else None,
-            "training_attempts": stats.attempts if stats else 0,
-            "training_false_hits": stats.false_hits if stats else 0,
+            "certified_thresholds": [None if t == NEVER else float(t) for t in thresholds] if thresholds is not None else [],
+            "held_out_items": held_out[0],
+            "held_out_accepted": held_out[1],
+            "held_out_wrong": held_out[2],
         }
     with_p2p, without = policies["fedhlm"], policies["fedhlm_no_p2p"]
     return {
         "enabled": True,
         **overall,
         "per_cluster": per_cluster,
-        "cost_ratio": cfg.p2p_cost / cfg.llm_cost,
+        "max_error": cfg.p2p_max_error,
+        "costs": {"p2p": cfg.p2p_cost, "llm": cfg.llm_cost, "error": cfg.p2p_error_cost},
         "with_vs_without": {
             "with_p2p": {"accuracy": with_p2p["accuracy"], "llm_rate": with_p2p["llm_rate"], "llm_bytes": llm_bytes["fedhlm"]},
             "without_p2p": {"accuracy": without["accuracy"], "llm_rate": without["llm_rate"], "llm_bytes": llm_bytes["fedhlm_no_p2p"]},
@@ -414,9 +418,10 @@ def summary_lines(o: RunOutcome, results: dict[str, Any], table: list[str]) -> l
         f"- LLM transmissions cut by {results['llm_reduction_total']:.1%} against cloud-only, counting the "
         f"{results['llm_use']['training_items']} items asked while learning thresholds "
         f"({results['llm_reduction']:.1%} at inference alone); final global threshold {results['final_threshold']:.4f}.",
-        *([f"- P2P: {p2p['hits']} of {p2p['attempts']} uncertain items answered by peers "
+        *([f"- P2P (p2p-max-error {p2p['max_error']}): {p2p['hits']} of {p2p['attempts']} uncertain items answered by peers "
            f"(false reuse {p2p['false_reuse_rate']:.1%}, 95% CI {p2p['false_reuse_ci95'][0]:.1%}-{p2p['false_reuse_ci95'][1]:.1%}); "
-           f"prototype traffic {_fmt_bytes(communication['p2p_bytes'])}."] if p2p["enabled"] else []),
+           f"{sum(c['tried'] for c in p2p['per_cluster'].values())} of {len(p2p['per_cluster'])} clusters tried peers; "
+           f"P2P traffic {_fmt_bytes(communication['p2p_bytes'])}."] if p2p["enabled"] else []),
         *_dropout_lines(results["dropouts"], len(set(o.info) | set(o.dropped))),  # setup skips are not in info
         *([f"- **{len(rejected)} invalid client updates rejected before aggregation** "
            "(`rejected_updates` in results.json names node, round and reason)."] if rejected else []),

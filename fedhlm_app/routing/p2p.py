@@ -1,27 +1,27 @@
 """Peer-to-peer resolution: reuse what the cluster already knows (pure numpy).
 
-Each cluster keeps one *prototype* per class: the mean of the unit-normalised
-SLM embeddings of items resolved in that cluster (confident local answers and
-LLM-verified answers). Clients contribute per-class sums and counts, never
-raw embeddings or texts; the edge adds them up (``ClassSums``), so the
-prototype equals the mean over the pooled embeddings.
+Each cluster keeps one *prototype* per class: the mean of the unit-normalised SLM embeddings
+of its clients' labelled fit items. Clients contribute per-class sums and counts, never raw
+embeddings or texts; the edge adds them up (``ClassSums``), so the prototype equals the mean over
+the pooled embeddings. Calibration items never enter them, so the error of peer answers can be
+estimated on those items out of sample (``peer_bound``).
 
-An uncertain item with draft class d is accepted by peer consensus when
+A peer answer confirms the draft d of an uncertain item. Its evidence is the score
 
-    cos(e, proto_d) >= delta   and   cos(e, proto_d) - max_{k != d} cos(e, proto_k) >= margin,
+    s = cos(e, proto_d) - max_{k != d} cos(e, proto_k),
 
-first against its own cluster's prototypes, then (by scope) against
-neighbouring clusters'; otherwise it goes to the LLM. Whether to try peers at
-all is an opportunistic decision: with estimated peer-hit probability h and
-costs c_p2p, c_llm, P2P pays off only when h > c_p2p / c_llm.
+first against the own cluster's prototypes, then (by scope) the neighbouring clusters'; the
+item is answered by peers where s reaches the threshold the edge certified for class d
+(``peer_bound.PeerEvidence.certify``), otherwise it goes to the LLM.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from fedhlm_app.routing.peer_bound import NEVER, PeerCosts, PeerEvidence, worth_trying
 
 TIERS = ("local", "p2p-own-cluster", "p2p-neighbour", "llm")
 NEIGHBOUR_SCOPES = ("none", "all", "nearest")
@@ -43,7 +43,7 @@ class ClassSums:
         return ClassSums(self.sums + other.sums, self.counts + other.counts)
 
     def prototypes(self) -> np.ndarray:
-        """Mean embedding per class; a class nobody resolved gets a zero row (never matches)."""
+        """Mean embedding per class; a class without fit items in the cluster gets a zero row (never matches)."""
         return self.sums / np.maximum(self.counts, 1.0)[:, None]
 
 
@@ -69,18 +69,33 @@ def cosine_to_prototypes(unit_embeddings: np.ndarray, prototypes: np.ndarray) ->
     return (unit_embeddings @ prototypes.T) / np.where(norms > 0, norms, np.inf)
 
 
-def peer_accepts(unit_embeddings: np.ndarray, drafts: np.ndarray, prototypes: np.ndarray, delta: float, margin: float) -> np.ndarray:
-    """Peer consensus on each draft: close to its class prototype and clearly closer than to any other."""
+def margin_scores(unit_embeddings: np.ndarray, drafts: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
+    """How much closer each item is to its draft class's prototype than to any other class's
+    (-inf where the draft class has no prototype: nobody can confirm it)."""
     if len(drafts) == 0:
-        return np.zeros(0, dtype=bool)
+        return np.zeros(0)
     cos = cosine_to_prototypes(unit_embeddings, prototypes)
     rows = np.arange(len(drafts))
     own = cos[rows, drafts]
-    others = cos.copy()
-    others[rows, drafts] = -np.inf
-    runner_up = others.max(axis=1) if cos.shape[1] > 1 else np.full(len(drafts), -np.inf)
+    cos[rows, drafts] = -np.inf
+    runner_up = cos.max(axis=1) if cos.shape[1] > 1 else np.full(len(drafts), -np.inf)
     has_proto = np.linalg.norm(prototypes, axis=1)[drafts] > 0
-    return has_proto & (own >= delta) & (own - runner_up >= margin)
+    return np.where(has_proto, own - runner_up, -np.inf)
+
+
+def peer_scores(unit_embeddings: np.ndarray, drafts: np.ndarray, prototypes: Prototypes) -> tuple[np.ndarray, np.ndarray]:
+    """Each draft's score against the own cluster's prototypes and the best against a neighbour's."""
+    own = margin_scores(unit_embeddings, drafts, prototypes.own)
+    theirs = [margin_scores(unit_embeddings, drafts, p) for p in prototypes.neighbours]
+    return own, np.max(theirs, axis=0) if theirs else np.full(len(drafts), -np.inf)
+
+
+def resolve(unit_embeddings: np.ndarray, drafts: np.ndarray, prototypes: Prototypes, thresholds: np.ndarray) -> np.ndarray:
+    """Tier per uncertain item: 1 own cluster, 2 a neighbour, 3 the LLM (indices into ``TIERS``),
+    peers answering where a score reaches the certified threshold of the item's draft class."""
+    own, theirs = peer_scores(unit_embeddings, drafts, prototypes)
+    bar = np.asarray(thresholds)[drafts] if len(drafts) else np.zeros(0)
+    return np.where(own >= bar, 1, np.where(theirs >= bar, 2, 3))
 
 
 def cluster_similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -103,75 +118,21 @@ def neighbours(cluster: int, prototypes: dict[int, np.ndarray], scope: str, k: i
     return ranked[:k]
 
 
-def resolve(
-    unit_embeddings: np.ndarray,
-    drafts: np.ndarray,
-    own_prototypes: np.ndarray,
-    neighbour_prototypes: list[np.ndarray],
-    delta: float,
-    margin: float,
-) -> np.ndarray:
-    """Tier per uncertain item: 1 own cluster, 2 a neighbour, 3 the LLM (indices into ``TIERS``)."""
-    tier = np.full(len(drafts), 3)
-    open_ = np.ones(len(drafts), dtype=bool)
-    for level, protos in [(1, own_prototypes), *[(2, p) for p in neighbour_prototypes]]:
-        idx = np.flatnonzero(open_)
-        if len(idx) == 0:
-            break
-        hit = peer_accepts(unit_embeddings[idx], drafts[idx], protos, delta, margin)
-        tier[idx[hit]] = level
-        open_[idx[hit]] = False
-    return tier
-
-
-def worth_trying(hit_rate: float, cost_p2p: float, cost_llm: float) -> bool:
-    """Opportunistic rule: try peers first only when h > c_p2p / c_llm."""
-    return hit_rate > cost_p2p / cost_llm
-
-
-def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion ((0, 1) when there are no trials)."""
-    if trials == 0:
-        return 0.0, 1.0
-    p = successes / trials
-    denom = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denom
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-@dataclass
-class HitStats:
-    """P2P outcomes on a cluster's escalated calibration items (whose LLM verdict is known)."""
-
-    attempts: int = 0
-    hits: int = 0
-    false_hits: int = 0
-
-    def hit_rate(self) -> float:
-        """Estimated peer-hit probability h, with a uniform prior (Laplace) for few attempts."""
-        return (self.hits + 1) / (self.attempts + 2)
-
-
 class PeerCoordinator:
-    """The edge servers' P2P layer: per-cluster prototypes and hit statistics."""
+    """The edge servers' P2P layer: per-cluster prototypes, held-out evidence and certified thresholds."""
 
-    def __init__(self, scope: str, k: int, cost_p2p: float, cost_llm: float) -> None:
+    def __init__(self, scope: str, k: int, max_error: float, costs: PeerCosts) -> None:
         self.scope, self.k = scope, k
-        self.cost_p2p, self.cost_llm = cost_p2p, cost_llm
+        self.max_error, self.costs = max_error, costs
         self.sums: dict[int, ClassSums] = {}
-        self.stats: dict[int, HitStats] = {}
+        self.evidence: dict[int, PeerEvidence] = {}
+        self.thresholds: dict[int, np.ndarray] = {}
         # Clients send their sums only when they changed, so the edge keeps the latest of each.
         self._latest: dict[int, tuple[int, ClassSums]] = {}
         self._views: dict[int, Prototypes | None] = {}  # per cluster, until the next refresh
 
     def refresh(self, contributions: dict[int, tuple[int, ClassSums]]) -> None:
-        """Take clients' new sums ({node: (cluster, sums)}) and rebuild each cluster's total.
-
-        Hit statistics are reset too: they describe the prototypes and thresholds of the
-        round just measured, which the next ``record`` calls report.
-        """
-        self.stats = {}
+        """Take clients' new sums ({node: (cluster, sums)}) and rebuild each cluster's total."""
         self._latest.update(contributions)
         totals: dict[int, ClassSums] = {}
         for cluster, sums in self._latest.values():
@@ -196,12 +157,19 @@ class PeerCoordinator:
             )
         return self._views[cluster]
 
-    def record(self, cluster: int, attempts: int, hits: int, false_hits: int) -> None:
-        stats = self.stats.setdefault(cluster, HitStats())
-        stats.attempts += attempts
-        stats.hits += hits
-        stats.false_hits += false_hits
+    def certify(self, contributions: dict[int, tuple[int, PeerEvidence]]) -> None:
+        """Add up clients' held-out evidence ({node: (cluster, evidence)}) per cluster and certify its thresholds."""
+        totals: dict[int, PeerEvidence] = {}
+        for cluster, evidence in contributions.values():
+            totals[cluster] = totals[cluster] + evidence if cluster in totals else evidence
+        self.evidence = totals
+        self.thresholds = {c: e.certify(self.max_error) for c, e in sorted(totals.items())}
 
     def enabled(self, cluster: int) -> bool:
-        """Opportunistic collaboration: is trying peers first worth it for this cluster?"""
-        return worth_trying(self.stats.get(cluster, HitStats()).hit_rate(), self.cost_p2p, self.cost_llm)
+        """Opportunistic collaboration: do peers pay for this cluster, false reuse priced in?"""
+        if cluster not in self.evidence:
+            return False
+        return worth_trying(self.evidence[cluster], self.thresholds[cluster], self.costs)
+
+    def thresholds_of(self, cluster: int) -> np.ndarray:
+        return self.thresholds.get(cluster, np.full(0, NEVER))

@@ -9,6 +9,7 @@ peers, 3 the LLM.
   threshold (the escalated ones plus an exploration band below tau, minus those whose
   verdict it already has);
 - ``query_tiers``: where each query goes under a threshold, peers tried first or not;
+- ``peer_evidence``: how peers would have done on the held-out items a client escalates;
 - ``score``: the answers (draft where local or confirmed by peers, the LLM's where
   escalated) against the labels.
 """
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedhlm_app.routing.p2p import ClassSums, Prototypes, resolve
+from fedhlm_app.routing.p2p import Prototypes, peer_scores, resolve
+from fedhlm_app.routing.peer_bound import PeerEvidence
 from fedhlm_app.routing.threshold import exploration_mask
 from fedhlm_app.slm.uncertainty import get_measure
 
@@ -46,21 +48,33 @@ def calibration_requests(uncertainty: np.ndarray, tau: float, band: float, known
     return np.flatnonzero(mask)
 
 
-def peer_tiers(x: np.ndarray, drafts: np.ndarray, prototypes: Prototypes | None, delta: float, margin: float) -> np.ndarray:
-    """Tier (1 own cluster, 2 neighbour, 3 LLM) of each uncertain item under peer consensus."""
-    if prototypes is None:
+def peer_tiers(x: np.ndarray, drafts: np.ndarray, prototypes: Prototypes | None, thresholds: np.ndarray | None) -> np.ndarray:
+    """Tier (1 own cluster, 2 neighbour, 3 LLM) of each uncertain item under the certified thresholds."""
+    if prototypes is None or thresholds is None or len(thresholds) == 0:
         return np.full(len(drafts), LLM)
-    return resolve(x, drafts, prototypes.own, prototypes.neighbours, delta, margin)
+    return resolve(x, drafts, prototypes, thresholds)
 
 
-def query_tiers(routing: Routing, x: np.ndarray, tau: float, prototypes: Prototypes | None, try_peers: bool,
-                delta: float, margin: float) -> np.ndarray:
-    """Tier of each query: local at or below ``tau``; above it peers (when tried), else the LLM."""
+def query_tiers(routing: Routing, x: np.ndarray, tau: float, prototypes: Prototypes | None,
+                peer_thresholds: np.ndarray | None) -> np.ndarray:
+    """Tier of each query: local at or below ``tau``; above it peers (where ``peer_thresholds``
+    are given and certify the draft), else the LLM."""
     tiers = np.where(routing.uncertainty > tau, LLM, LOCAL)
-    if try_peers:
+    if peer_thresholds is not None:
         uncertain = np.flatnonzero(tiers == LLM)
-        tiers[uncertain] = peer_tiers(x[uncertain], routing.drafts[uncertain], prototypes, delta, margin)
+        tiers[uncertain] = peer_tiers(x[uncertain], routing.drafts[uncertain], prototypes, peer_thresholds)
     return tiers
+
+
+def peer_evidence(calibration: Routing, x: np.ndarray, tau: float, prototypes: Prototypes, verified_ids: np.ndarray,
+                  verified_final: np.ndarray) -> PeerEvidence:
+    """Peer scores and outcomes on the held-out items a client escalates under ``tau``: its
+    calibration items above it with a known LLM verdict (a draft the LLM changed is a wrong peer answer)."""
+    escalated = calibration.uncertainty[verified_ids] > tau
+    ids, final = verified_ids[escalated], verified_final[escalated]
+    drafts = calibration.drafts[ids]
+    own, theirs = peer_scores(x[ids], drafts, prototypes)
+    return PeerEvidence.of(np.maximum(own, theirs), drafts, final != drafts, calibration.probs.shape[1])
 
 
 def score(tiers: np.ndarray, drafts: np.ndarray, answered_ids: np.ndarray, llm_final: np.ndarray, llm_accepted: np.ndarray,
@@ -82,17 +96,3 @@ def score(tiers: np.ndarray, drafts: np.ndarray, answered_ids: np.ndarray, llm_f
         "p2p-neighbour": int(np.sum(tiers == NEIGHBOUR)),
         "p2p-wrong": int(np.sum(peer & (final != labels))),
     }
-
-
-def resolved_class_sums(fit: Routing, fit_x: np.ndarray, calibration: Routing, calibration_x: np.ndarray, tau: float,
-                        verified_ids: np.ndarray, verified_final: np.ndarray, num_classes: int) -> ClassSums:
-    """Per-class sums of the embeddings a client resolved: confident answers (their draft) and
-    LLM-verified calibration items (the LLM's class). Sums and counts leave the node, never the
-    embeddings themselves."""
-    labels = calibration.drafts.copy()
-    labels[verified_ids] = verified_final
-    resolved = calibration.uncertainty <= tau
-    resolved[verified_ids] = True
-    confident_fit = fit.uncertainty <= tau
-    return (ClassSums.of(fit_x[confident_fit], fit.drafts[confident_fit], num_classes)
-            + ClassSums.of(calibration_x[resolved], labels[resolved], num_classes))

@@ -28,6 +28,7 @@ import numpy as np
 from fedhlm_app.config import RunConfig, validate
 from fedhlm_app.reporting import evaluation as ev
 from fedhlm_app.reporting import frontier
+from fedhlm_app.tools import p2p_study
 from fedhlm_app.tools.launch import ROOT, resolved_config
 
 ALPHAS = [0.05, 0.1, 0.3, 0.5, 1.0, 10.0, float("inf")]
@@ -214,9 +215,13 @@ def analyse_seed(runs: dict[str, dict[str, Any]], items: dict[str, np.ndarray], 
     esc = items["u"] > tau_u
     rows["U-HLM rule (-b/a)"] = {"accuracy": ev.accuracy_at(esc, items["slm"], items["llm"]), "llm_rate": float(esc.mean()),
                                  "llm_bytes": float(esc.sum() * bytes_per_item), "tau": tau_u, "a": a, "b": b}
+    with_peers = main["p2p"]["enabled"]
     for name, key in (("local-only", "local-only"), ("flat FedAvg", "flat"), ("hierarchical FedAvg (ours)", "hierarchical")):
-        rows[f"{name} + P2P"] = _policy(runs[key], "fedhlm")
-        rows[f"{name}, no P2P"] = _policy(runs[key], "fedhlm_no_p2p")
+        if with_peers:
+            rows[f"{name} + P2P"] = _policy(runs[key], "fedhlm")
+            rows[f"{name}, no P2P"] = _policy(runs[key], "fedhlm_no_p2p")
+        else:
+            rows[name] = _policy(runs[key], "fedhlm")
     rows["random router @ ours"] = {"accuracy": ev.random_router_accuracy(items["slm"], items["llm"], ours_rate), "llm_rate": ours_rate,
                                     "llm_bytes": ours_rate * len(items["u"]) * bytes_per_item}
     oracle_esc = ev.oracle_router(items["slm"], items["llm"], ours_rate)
@@ -226,9 +231,9 @@ def analyse_seed(runs: dict[str, dict[str, Any]], items: dict[str, np.ndarray], 
     lam_runs = sorted([r for k, r in runs.items() if k.startswith("lambda=")] + [main], key=lambda r: r["config"]["lambda"])
     curves = {
         "ours (lambda sweep)": np.array([[r["llm_rate"], r["accuracy"]] for r in lam_runs]),
-        "ours without P2P (lambda sweep)": np.array(
+        **({"ours without P2P (lambda sweep)": np.array(
             [[w["llm_rate"], w["accuracy"]] for w in (r["p2p"]["with_vs_without"]["without_p2p"] for r in lam_runs)]
-        ),
+        )} if with_peers else {}),
         "static threshold sweep": ev.threshold_curve(items["u"], items["slm"], items["llm"], STATIC_TAUS),
         "random router": np.array([[r, ev.random_router_accuracy(items["slm"], items["llm"], r)] for r in np.linspace(0, 1, 21)]),
         "oracle router": np.array([[r, ev.accuracy_at(ev.oracle_router(items["slm"], items["llm"], r), items["slm"], items["llm"])] for r in np.linspace(0, 0.3, 31)]),
@@ -312,6 +317,8 @@ def plot(per_seed: list[dict[str, Any]], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, style in (("static threshold sweep", "b-"), ("random router", "k:"), ("oracle router", "g-"),
                         ("ours (lambda sweep)", "ro-"), ("ours without P2P (lambda sweep)", "m^--")):
+        if name not in first["curves"]:  # the runs had P2P off
+            continue
         c = np.array(first["curves"][name])
         ax.plot(c[:, 0], c[:, 1], style, lw=1.2, ms=4, label=name)
     ax.set_xlim(0, 0.5), ax.set_xlabel("LLM rate"), ax.set_ylabel("accuracy"), ax.legend(fontsize=8)
@@ -343,7 +350,7 @@ def frontier_section(rows: dict[str, dict[str, Any]]) -> list[str]:
              "Each lever is a federated run per seed (same partitions, labels oracle). From its learned head, the "
              "r most uncertain test items go to the LLM: accuracy at r, and in brackets the oracle router's at the "
              "same r (it escalates exactly the SLM's mistakes). AUROC: the run's uncertainty as a detector of SLM "
-             "errors. Learned point: the run's own thresholds (with P2P). Wall: one run, in seconds.", "",
+             "errors. Learned point: the run's own policy. Wall: one run, in seconds.", "",
              "| lever | SLM only | AUROC | at 1% | at 2% | at 5% | at 10% | learned point: accuracy / LLM rate | wall |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
@@ -381,12 +388,14 @@ def write_report(per_seed: list[dict[str, Any]], combined: dict[str, Any], out: 
         worst_llm = _fmt(row["worst_client_llm_rate"]) if "worst_client_llm_rate" in row else "–"
         lines.append(f"| {name} | {_fmt(row['accuracy'])} | {_fmt(row['llm_rate'])} | {worst_acc} | {worst_llm} | {row['llm_bytes']['mean'] / 1000:.1f} ± {row['llm_bytes']['std'] / 1000:.1f} |")
     uh = combined["rows"]["U-HLM rule (-b/a)"]
+    with_peers = "hierarchical FedAvg (ours) + P2P" in combined["rows"]
+    ours = "hierarchical + P2P" if with_peers else "hierarchical"
     lines += [
         "", "Flat and hierarchical FedAvg coincide: with sample-weighted means at both levels, the weighted mean of the "
         "edge means is the global weighted mean; they differ only in traffic (edge aggregates) and with robust or "
         "personalized rules. Worst-client columns are given where per-client results exist (the federated runs).",
         "", f"U-HLM's linear fit on the calibration items gives tau = {_fmt(uh['tau'], False)} (a = {_fmt(uh['a'], False)}, b = {_fmt(uh['b'], False)}).",
-        "Random and oracle routers escalate as many items as ours (hierarchical + P2P); the oracle escalates exactly the items the SLM gets wrong and the LLM right.", "",
+        f"Random and oracle routers escalate as many items as ours ({ours}); the oracle escalates exactly the items the SLM gets wrong and the LLM right.", "",
         "## Trade-off curves", "",
         "Normalised area between the accuracy/LLM-rate frontier and SLM-only over the SLM-to-cloud gap (0.5 = random router), "
         "and the LLM rate needed to recover 50% and 80% of that gap. Between measured points the frontier is a straight "
@@ -404,7 +413,7 @@ def write_report(per_seed: list[dict[str, Any]], combined: dict[str, Any], out: 
     moves = [max(abs(np.diff(g[-10:]))) if len(g) > 10 else float("nan") for g in finals]
     lines += [f"Final global threshold {_fmt(_stats([g[-1] for g in finals]), False)}; the largest change over the last 10 rounds is "
               f"{max(moves):.2e}: the thresholds stabilise, they do not oscillate.", "", "![convergence](convergence.png)", "",
-              "## Experiment 2: non-IID stress test (hierarchical + P2P)", "",
+              f"## Experiment 2: non-IID stress test ({ours})", "",
               "| Dirichlet alpha | local resolution rate | P2P rate | LLM rate | accuracy |", "|---|---|---|---|---|"]
     below = None
     for alpha, row in combined["alphas"].items():
@@ -415,11 +424,15 @@ def write_report(per_seed: list[dict[str, Any]], combined: dict[str, Any], out: 
     lines += ["", f"Local resolution drops below 80% at alpha = {below}." if below else
               "The local resolution rate stays at or above 80% for every alpha tested (0.05 to IID).", "", "![non-IID](non_iid.png)", "",
               "## Experiment 3: P2P ablation", ""]
-    with_p2p, without = combined["rows"]["hierarchical FedAvg (ours) + P2P"], combined["rows"]["hierarchical FedAvg (ours), no P2P"]
-    lines += [f"Without P2P the LLM rate is {_fmt(without['llm_rate'])}% against {_fmt(with_p2p['llm_rate'])}% with it, at accuracy "
-              f"{_fmt(without['accuracy'])}% against {_fmt(with_p2p['accuracy'])}%. The learned threshold does not compensate: "
-              "threshold learning always uses the LLM's verdicts (P2P is applied after the threshold, at inference), so both "
-              f"variants share the same threshold ({_fmt(with_p2p['final_tau'], False)}).", ""]
+    if with_peers:
+        with_p2p, without = combined["rows"]["hierarchical FedAvg (ours) + P2P"], combined["rows"]["hierarchical FedAvg (ours), no P2P"]
+        lines += [f"Without P2P the LLM rate is {_fmt(without['llm_rate'])}% against {_fmt(with_p2p['llm_rate'])}% with it, at accuracy "
+                  f"{_fmt(without['accuracy'])}% against {_fmt(with_p2p['accuracy'])}%. The learned threshold does not compensate: "
+                  "threshold learning always uses the LLM's verdicts (P2P is applied after the threshold, at inference), so both "
+                  f"variants share the same threshold ({_fmt(with_p2p['final_tau'], False)}).", ""]
+    else:
+        lines += ["P2P is off in these runs (`p2p = false`, the default). Its own study, the lambda sweep with and without "
+                  "peers under error bounds, is `--only p2p` (p2p.md).", ""]
     lines += frontier_section(combined["frontier"])
     lines += query_shift_section(combined["query_shift"])
     lines += ["## Reproduce", "", f"All runs: `{cmd}`. Each federated run is the app with these run-config overrides "
@@ -469,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=list(STUDIES),
                         help="run one study alone: the query-shift sweep (query_shift.md), the oracle sensitivity "
                              "(oracle_sensitivity.md), every strategy preset with and without hostile clients "
-                             "(strategies.md) or the defaults on validation rows (validation.md)")
+                             "(strategies.md), the lambda sweep with P2P under error bounds (p2p.md) or the defaults "
+                             "on validation rows (validation.md)")
     parser.add_argument("--classifier", default="", help="oracle-sensitivity: also a classifier checkpoint as the LLM")
     parser.add_argument("--causal-lm", default="", metavar="MODEL",
                         help="oracle-sensitivity: also a causal LM as the LLM (smollm2, gemma3, a .gguf file or a checkpoint folder)")
@@ -551,7 +565,7 @@ def oracle_section(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
 
 LLM_BUDGET = 0.05  # the paper's yardstick: more than 95% fewer transmissions than cloud-only
 TUNED = {"lambda": [0.2, 0.3, 0.375, 0.45, 0.55], "uncertainty": ["margin", "entropy"], "kappa": [20.0, 40.0, 80.0],
-         "tau-init": [0.8, 0.9, 1.0], "p2p-delta": [0.2, 0.25, 0.3]}
+         "tau-init": [0.8, 0.9, 1.0]}
 
 
 def validation_variants(base: RunConfig) -> dict[str, dict[str, Any]]:
@@ -719,6 +733,9 @@ STUDIES = {
                                 lambda base, table: oracle_section(table)),
     "strategies": Study("strategies", "FedHLM aggregation strategies", strategy_variants, strategy_rows,
                         lambda per_seed: _table_stats(per_seed), strategy_section),
+    "p2p": Study("p2p", "FedHLM peer-to-peer reuse under an error bound",
+                 lambda base, args: p2p_study.variants(LAMBDAS[:: 3 if args.quick else 1], base.lambda_),
+                 p2p_study.rows, lambda per_seed: _table_stats(per_seed), p2p_study.section),
     "validation": Study("validation", "FedHLM defaults on validation rows", lambda base, args: validation_variants(base),
                         validation_rows, lambda per_seed: _table_stats(per_seed),
                         lambda base, table: validation_section(base, table) + prior_bound_section(table)),

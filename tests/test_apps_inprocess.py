@@ -1,6 +1,7 @@
 """The real ClientApp and ServerApp, driven in-process through a Ray-free Grid."""
 
 import json
+import math
 import tomllib
 
 import numpy as np
@@ -148,7 +149,13 @@ def test_p2p_prototype_traffic_is_counted_and_tiers_add_up(four_clients_two_clus
     proto_size = serialized_size(RecordDict({"prototypes": pack_prototypes(Prototypes(np.zeros((4, 32)), [np.zeros((4, 32))]))}))
     assert ledger["edge->client"]["messages"] == 4 + 4 + 4
     assert ledger["edge->client"]["bytes"] > 4 * proto_size
-    assert results["communication"]["p2p_bytes"] == sum(v["bytes"] for v in ledger.values())
+    communication = results["communication"]
+    assert communication["p2p_bytes"] == sum(v["bytes"] for v in ledger.values())
+    # FedHLM with peers is charged the P2P traffic in its break-even; without peers it is not
+    ours, without = communication["policies"]["fedhlm"], communication["policies"]["fedhlm_no_p2p"]
+    assert ours["training_bytes"] - without["training_bytes"] == communication["p2p_bytes"]
+    cloud_per_query = communication["policies"]["cloud_only"]["bytes_per_query"]
+    assert ours["break_even_queries"] == math.ceil(ours["training_bytes"] / (cloud_per_query - ours["bytes_per_query"]))
     tiers = results["tiers"]
     assert sum(tiers.values()) == pytest.approx(1.0)
     assert results["p2p_rate"] > 0 and results["p2p_rate"] == pytest.approx(tiers["p2p-own-cluster"] + tiers["p2p-neighbour"])

@@ -1,11 +1,12 @@
 """What a run's communication costs and when it pays for itself, from the ledger.
 
-Training moves models, thresholds, the LLM's verdicts and P2P prototypes once; inference then
+Training moves models, thresholds, the LLM's verdicts and (with P2P) prototypes once; inference then
 moves, per query, the escalated items to the LLM and its answers back. Cloud-only needs no
 training but sends every query. Each policy is charged the training it needs to exist:
 
 - FedHLM: everything before inference (setup, encoder, head, threshold rounds with their LLM
-  traffic, P2P prototypes); without P2P, all of it but the prototypes;
+  traffic, and P2P's prototypes, held-out evidence and certified thresholds); without P2P, all of it
+  but P2P's;
 - SLM only and the static threshold: setup and the SLM's training (encoder and head);
 - cloud only: nothing.
 

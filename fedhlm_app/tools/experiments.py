@@ -759,6 +759,7 @@ def study_only(base: RunConfig, args: argparse.Namespace, out: Path) -> int:
     wall = time.monotonic() - started
     seeds = " ".join(str(s) for s in args.seeds)
     extra = "".join(f" --{flag} {value}" for flag, value in (("classifier", args.classifier), ("causal-lm", args.causal_lm)) if value)
+    extra += " --quick" if args.quick else ""
     extra += "".join(f' -c "{override}"' for override in args.run_config)
     lines = [f"# {study.title}", "", f"Seeds {seeds}; mean ± standard deviation over the seeds, in percent unless marked; "
              f"{len(runs_cfg)} federated runs per seed, {wall / 60:.1f} min. Reproduce with "

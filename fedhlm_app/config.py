@@ -144,6 +144,7 @@ class RunConfig:
     p2p_cost: float = _at_least(0, "a number >= 0 (cost of a peer attempt, in LLM calls when llm-cost = 1)")
     llm_cost: float = _positive("a number > 0")
     p2p_error_cost: float = _at_least(0, "a number >= 0 (cost of a wrong peer answer, in LLM calls when llm-cost = 1)")
+    p2p_beat_threshold: bool = _anything("true or false (true: peers only where they answer better than raising the threshold would)")
     # aggregation and oracle
     edge_strategy: str = _key(lambda v: v == NO_EDGE or is_strategy_name(v), f"'{NO_EDGE}' (flat: no edge tier) or {STRATEGY_RULE}")
     edge_strategy_args: str = _key(_is_args_table, ARGS_RULE)

@@ -38,7 +38,8 @@ def four_clients_two_clusters(tmp_path_factory, tiny_bert):
     nodes = [{"partition-id": i, "num-partitions": 4, "cluster-id": i // 2} for i in range(4)]
     # P2P on with a loose bound and free peer attempts and errors, so that peers answer and every P2P path runs
     return tmp, _run(tmp, tiny_bert, nodes, **{"threshold-rounds": 4, "tau-init": 0.95, "p2p": True, "p2p-max-error": 0.95,
-                                             "p2p-cost": 0.0, "p2p-error-cost": 0.0})
+                                             "p2p-cost": 0.0, "p2p-error-cost": 0.0,
+                                             "p2p-beat-threshold": False})
 
 
 def test_full_pipeline_writes_every_result(four_clients_two_clusters):
@@ -122,6 +123,11 @@ def test_clients_reweight_the_global_head_to_their_own_label_mix(four_clients_tw
         priors = causal_priors(calibrated(queries, calibration, data.calibration.y, own, pooled), own, pooled)
         expected = queries * priors / pooled
         np.testing.assert_allclose(ctx.state["head-outputs"]["test"].numpy(), expected / expected.sum(axis=1, keepdims=True), atol=1e-6)
+        # P2P's held-out evidence routes the calibration items as queries are routed
+        priors = causal_priors(calibrated(calibration, calibration, data.calibration.y, own, pooled), own, pooled)
+        expected = calibration * priors / pooled
+        np.testing.assert_allclose(ctx.state["head-outputs"]["calibration-as-queries"].numpy(), expected / expected.sum(axis=1, keepdims=True),
+                                   atol=1e-6)
         row = next(c for c in results["clients"] if c["node_id"] == ctx.node_id)
         assert row["adapted_queries"] == pytest.approx(np.mean(np.any(priors != pooled, axis=1)))
 
@@ -172,6 +178,7 @@ def test_p2p_error_is_estimated_on_items_that_did_not_build_the_prototypes(four_
     from fedhlm_app.config import run_config_of
     from fedhlm_app.routing.router import Routing
     from fedhlm_app.slm.local_data import Placement, local_data
+    from fedhlm_app.slm.predict import CALIBRATION_AS_QUERIES
 
     _, (grid, results) = four_clients_two_clusters
     cfg = run_config_of(grid.context(grid.get_node_ids()[0]).run_config)
@@ -183,7 +190,7 @@ def test_p2p_error_is_estimated_on_items_that_did_not_build_the_prototypes(four_
         data, state = local_data(cfg, placement, ""), NodeState(context.state)
         fit_x[placement.cluster_id].append(data.fit.x)
         fit_y[placement.cluster_id].append(data.fit.y)
-        uncertainty = Routing.of(state.head_outputs.probs["calibration"], cfg.uncertainty).uncertainty
+        uncertainty = Routing.of(state.head_outputs.probs[CALIBRATION_AS_QUERIES], cfg.uncertainty).uncertainty
         held_out[placement.cluster_id] += int(np.sum(uncertainty[state.feedback.ids] > tau))
         own = state.prototypes.own
         x, y = np.concatenate(fit_x[placement.cluster_id]), np.concatenate(fit_y[placement.cluster_id])

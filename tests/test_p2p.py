@@ -3,9 +3,27 @@ import pytest
 
 from fedhlm_app.reporting.ledger import Ledger
 from fedhlm_app.routing.p2p import ClassSums, PeerCoordinator, Prototypes, margin_scores, neighbours, resolve
-from fedhlm_app.routing.peer_bound import NEVER, NUM_BINS, SCORE_EDGES, PeerCosts, PeerEvidence, error_bound, wilson_interval, worth_trying
+from fedhlm_app.routing.peer_bound import (
+    NEVER,
+    NUM_BINS,
+    RANK_BINS,
+    SCORE_EDGES,
+    PeerCosts,
+    PeerEvidence,
+    beats_raising_threshold,
+    error_bound,
+    wilson_interval,
+    worth_trying,
+)
 
 COSTS = PeerCosts(p2p=0.05, llm=1.0, error=1.0)
+
+
+def _evidence(scores, drafts, wrong, num_classes, uncertainty=None):
+    """Held-out evidence; where the test does not care, items are ranked in their given order."""
+    scores = np.asarray(scores, dtype=float)
+    return PeerEvidence.of(scores, np.asarray(drafts), np.asarray(wrong), np.arange(len(scores)) if uncertainty is None else uncertainty,
+                           num_classes)
 
 
 def _unit(x):
@@ -63,7 +81,7 @@ def test_certified_thresholds_keep_the_true_error_below_epsilon(epsilon):
     trials = 300
     for _ in range(trials):
         scores, wrong = _synthetic_cluster(rng, 1000, error_of_score)
-        threshold = PeerEvidence.of(scores, np.zeros(len(scores), np.int64), wrong, 1).certify(epsilon)[0]
+        threshold = _evidence(scores, np.zeros(len(scores), np.int64), wrong, 1).certify(epsilon)[0]
         if threshold != NEVER:
             certified += 1
             violations += _true_error(threshold, error_of_score) > epsilon
@@ -74,7 +92,7 @@ def test_certified_thresholds_keep_the_true_error_below_epsilon(epsilon):
 def test_a_class_without_enough_held_out_items_never_takes_peer_answers():
     scores, wrong = np.full(20, 0.3), np.zeros(20, bool)  # perfect, but 20 items cannot show error <= 0.05
     assert error_bound(0, 20) > 0.05
-    assert PeerEvidence.of(scores, np.zeros(20, np.int64), wrong, 1).certify(0.05)[0] == NEVER
+    assert _evidence(scores, np.zeros(20, np.int64), wrong, 1).certify(0.05)[0] == NEVER
 
 
 def test_testing_stops_at_the_first_failing_threshold():
@@ -82,15 +100,15 @@ def test_testing_stops_at_the_first_failing_threshold():
     # the lowest threshold alone would pass (about 4% error), but testing stops where the error first fails.
     scores = np.concatenate([np.full(200, 0.3), np.full(200, 0.1), np.full(2000, 0.0)])
     wrong = np.concatenate([np.zeros(200, bool), np.arange(200) % 2 == 0, np.zeros(2000, bool)])
-    evidence = PeerEvidence.of(scores, np.zeros(len(scores), np.int64), wrong, 1)
+    evidence = _evidence(scores, np.zeros(len(scores), np.int64), wrong, 1)
     thresholds = evidence.certify(0.05)
     assert 0.1 < thresholds[0] <= 0.3  # the lowest edge that still leaves out the s = 0.1 items
     assert evidence.accepted(thresholds) == (2400, 200, 0)
 
 
 def test_evidence_adds_up_and_counts_what_thresholds_accept():
-    a = PeerEvidence.of(np.array([0.05, 0.25, -0.2]), np.array([0, 1, 1]), np.array([True, False, False]), 2)
-    b = PeerEvidence.of(np.array([0.3]), np.array([1]), np.array([True]), 2)
+    a = _evidence(np.array([0.05, 0.25, -0.2]), np.array([0, 1, 1]), np.array([True, False, False]), 2)
+    b = _evidence(np.array([0.3]), np.array([1]), np.array([True]), 2)
     total = a + b
     assert total.items.shape == (2, NUM_BINS) and total.items.sum() == 4 and total.wrong.sum() == 2
     assert total.accepted(np.array([0.0, 0.2])) == (4, 3, 2)
@@ -101,9 +119,9 @@ def test_evidence_adds_up_and_counts_what_thresholds_accept():
 def test_opportunistic_rule_prices_false_reuse():
     scores = np.full(1000, 0.3)
     drafts = np.zeros(1000, np.int64)
-    few_wrong = PeerEvidence.of(scores, drafts, np.arange(1000) % 100 == 0, 1)  # 1% wrong
+    few_wrong = _evidence(scores, drafts, np.arange(1000) % 100 == 0, 1)  # 1% wrong
     assert worth_trying(few_wrong, np.array([0.0]), COSTS)
-    many_wrong = PeerEvidence.of(scores, drafts, np.arange(1000) % 2 == 0, 1)  # half of the answers wrong
+    many_wrong = _evidence(scores, drafts, np.arange(1000) % 2 == 0, 1)  # half of the answers wrong
     assert worth_trying(many_wrong, np.array([0.0]), PeerCosts(0.05, 1.0, 0.0))  # free errors: half the LLM calls saved
     assert not worth_trying(many_wrong, np.array([0.0]), COSTS)  # priced: 0.05 + 0.5 + 0.5 > 1
     assert not worth_trying(few_wrong, np.array([NEVER]), COSTS)  # nothing certified: peers are not tried
@@ -111,14 +129,54 @@ def test_opportunistic_rule_prices_false_reuse():
 
 
 def test_coordinator_certifies_per_cluster_and_tries_peers_only_where_they_pay():
-    coord = PeerCoordinator("none", 1, max_error=0.05, costs=COSTS)
-    clean = PeerEvidence.of(np.full(500, 0.3), np.zeros(500, np.int64), np.zeros(500, bool), 2)
-    noisy = PeerEvidence.of(np.full(500, 0.3), np.zeros(500, np.int64), np.arange(500) % 3 == 0, 2)
+    coord = PeerCoordinator("none", 1, max_error=0.05, costs=COSTS, beat_threshold=False)
+    clean = _evidence(np.full(500, 0.3), np.zeros(500, np.int64), np.zeros(500, bool), 2)
+    noisy = _evidence(np.full(500, 0.3), np.zeros(500, np.int64), np.arange(500) % 3 == 0, 2)
     coord.certify({10: (0, clean), 11: (0, clean), 12: (1, noisy)})
     assert coord.evidence[0].items.sum() == 1000
     assert coord.evidence[0].accepted(coord.thresholds[0]) == (1000, 1000, 0) and coord.thresholds[0][1] == NEVER
     assert coord.thresholds[1][0] == NEVER
     assert coord.enabled(0) and not coord.enabled(1) and not coord.enabled(2)
+
+
+def test_wrong_if_threshold_raised_counts_the_least_uncertain_items():
+    # 40 items, the 10 least uncertain wrong; 2 items per rank bin
+    uncertainty = np.random.default_rng(1).permutation(40).astype(float)
+    evidence = _evidence(np.zeros(40), np.zeros(40, np.int64), uncertainty < 10, 1, uncertainty)
+    assert evidence.rank_items.tolist() == [2] * RANK_BINS and evidence.rank_wrong.sum() == 10
+    assert evidence.wrong_if_threshold_raised(0) == 0
+    assert evidence.wrong_if_threshold_raised(3) == pytest.approx(3)  # one bin and half the next
+    assert evidence.wrong_if_threshold_raised(10) == 10
+    assert evidence.wrong_if_threshold_raised(40) == 10
+    # pooled over clients, each client's items are ranked among its own
+    pooled = evidence + _evidence(np.zeros(20), np.zeros(20, np.int64), np.ones(20, bool), 1, np.arange(20.0))
+    assert pooled.rank_items.tolist() == [3] * RANK_BINS and pooled.rank_wrong.tolist() == [3] * 5 + [1] * 15
+
+
+def _escalated(rng, n, slm_error_of_uncertainty, peer_error):
+    """Held-out escalated items of one class: uncertainty uniform on [0, 1], the SLM's draft wrong
+    with a known probability per uncertainty; peers take the half with a high score, wrong with
+    ``peer_error`` regardless of the uncertainty."""
+    uncertainty = rng.random(n)
+    high = rng.random(n) < 0.5
+    wrong = np.where(high, rng.random(n) < peer_error, rng.random(n) < slm_error_of_uncertainty(uncertainty))
+    return _evidence(np.where(high, 0.35, -0.05), np.zeros(n, np.int64), wrong, 1, uncertainty)
+
+
+def test_peers_are_tried_only_where_they_beat_raising_the_threshold():
+    """Peers wrong 2% of the time: worse than raising a threshold near 0, where the least uncertain
+    escalated drafts are wrong 0.5% of the time; better than raising one where they are wrong 30%."""
+    rng = np.random.default_rng(3)
+    easy = lambda u: np.where(u < 0.5, 0.005, 0.1)  # noqa: E731 - a threshold near 0: easy items escalated too
+    hard = lambda u: np.full(len(u), 0.3)  # noqa: E731 - a high threshold: only hard items escalated
+    for slm_error, expected in ((easy, False), (hard, True)):
+        coord = PeerCoordinator("none", 1, max_error=0.05, costs=COSTS)
+        coord.certify({10: (0, _escalated(rng, 3000, slm_error, 0.02)), 11: (0, _escalated(rng, 1000, slm_error, 0.02))})
+        evidence, thresholds = coord.evidence[0], coord.thresholds[0]
+        _, accepted, wrong = evidence.accepted(thresholds)
+        assert accepted == pytest.approx(2000, rel=0.1) and wrong / accepted < 0.05
+        assert worth_trying(evidence, thresholds, COSTS)  # the cost rule alone would try peers in both cases
+        assert beats_raising_threshold(evidence, thresholds) is expected and coord.enabled(0) is expected
 
 
 def test_nearest_neighbour_scope_picks_the_most_similar_cluster():
@@ -153,3 +211,15 @@ def test_coordinator_view_follows_every_refresh():
     assert np.allclose(own, np.eye(2)) and np.allclose(others[0], np.eye(2)[::-1])
     coord.refresh({10: (0, ClassSums.of(np.eye(2), np.array([1, 0]), 2))})  # node 10 changed its sums
     assert np.allclose(coord.view(0).own, np.eye(2)[::-1])
+
+
+def test_evidence_travels_as_counts_and_inconsistent_counts_are_refused():
+    from fedhlm_app.app.protocol import pack_evidence, unpack_evidence
+
+    evidence = _evidence(np.array([0.05, 0.25, -0.2, 0.3]), np.array([0, 1, 1, 0]), np.array([True, False, False, True]), 2)
+    back = unpack_evidence(pack_evidence(evidence))
+    for name in ("items", "wrong", "rank_items", "rank_wrong"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(evidence, name))
+    lying = PeerEvidence(evidence.items, evidence.wrong, evidence.rank_items, np.zeros(RANK_BINS, np.int64))  # hides its errors by rank
+    with pytest.raises(ValueError, match="same items"):
+        unpack_evidence(pack_evidence(lying))

@@ -74,7 +74,7 @@ from fedhlm_app.routing.threshold import ThresholdConfig, local_update, loss, pe
 from fedhlm_app.slm.finetune import TuningConfig, get_tuner
 from fedhlm_app.slm.head import HeadConfig, head_from_config
 from fedhlm_app.slm.local_data import LocalData, LocalTexts, Placement, local_data, local_texts
-from fedhlm_app.slm.predict import SPLITS, HeadOutputs, head_outputs
+from fedhlm_app.slm.predict import CALIBRATION_AS_QUERIES, SPLITS, HeadOutputs, head_outputs
 
 
 class _Slot:
@@ -103,7 +103,7 @@ def _pack_head_outputs(outputs: HeadOutputs) -> ArrayRecord:
 
 def _unpack_head_outputs(record: ArrayRecord) -> HeadOutputs:
     arrays = record_named_arrays(record)
-    return HeadOutputs({s: arrays[s] for s in SPLITS}, float(arrays[ADAPTED_QUERIES]))
+    return HeadOutputs({s: arrays[s] for s in (*SPLITS, CALIBRATION_AS_QUERIES)}, float(arrays[ADAPTED_QUERIES]))
 
 
 def _pack_memory(memory: ClientMemory) -> ArrayRecord:
@@ -330,12 +330,13 @@ class Node:
 
     def check_peers(self, instruction: CheckPeers) -> PeerEvidence:
         """How peers would answer the held-out items this client escalates under its threshold: the
-        calibration items above it whose LLM verdict it holds, scored against the cluster's prototypes."""
+        calibration items above it whose LLM verdict it holds, routed as queries are (re-weighted to
+        the estimated label mix), scored against the cluster's prototypes."""
         self._take_prototypes(instruction.prototypes)
         prototypes, memory = self.state.prototypes, self.state.feedback
-        calibration = self._routing("calibration")
+        calibration = self._routing(CALIBRATION_AS_QUERIES)
         if prototypes is None:
-            return PeerEvidence.of(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, bool), calibration.probs.shape[1])
+            return PeerEvidence.of(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0), calibration.probs.shape[1])
         tau = self._starting_tau(instruction.tau_reference)
         return router.peer_evidence(calibration, self.data.calibration.x, tau, prototypes, memory.ids, memory.final)
 

@@ -236,9 +236,11 @@ def certify_peers(run: Run) -> None:
             log(WARNING, "p2p: node %d sent malformed peer evidence (%s), left out", node, exc)
     run.peers.certify(evidence)
     for cluster, thresholds in run.peers.thresholds.items():
-        items, accepted, wrong = run.peers.evidence[cluster].accepted(thresholds)
-        log(INFO, "p2p: cluster %d certifies peer answers on %d of %d held-out items (%d wrong) at p2p-max-error %.3f; tried: %s",
-            cluster, accepted, items, wrong, run.peers.max_error, run.peers.enabled(cluster))
+        evidence = run.peers.evidence[cluster]
+        items, accepted, wrong = evidence.accepted(thresholds)
+        log(INFO, "p2p: cluster %d certifies peer answers on %d of %d held-out items (%d wrong; %.1f if the threshold "
+            "were raised instead) at p2p-max-error %.3f; tried: %s", cluster, accepted, items, wrong,
+            evidence.wrong_if_threshold_raised(accepted), run.peers.max_error, run.peers.enabled(cluster))
 
 
 def verify(run: Run, phase: str, asked: dict[int, Escalation], where: str) -> dict[int, Feedback]:

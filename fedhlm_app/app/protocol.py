@@ -44,7 +44,7 @@ from fedhlm_app.fl.records import arrays_record, named_arrays, record_arrays, re
 from fedhlm_app.fl.tiers import NodeUpdate
 from fedhlm_app.oracle.base import EscalationBatch
 from fedhlm_app.routing.p2p import ClassSums, Prototypes
-from fedhlm_app.routing.peer_bound import NUM_BINS, PeerEvidence
+from fedhlm_app.routing.peer_bound import NUM_BINS, RANK_BINS, PeerEvidence
 from fedhlm_app.routing.speculative import Verdict
 
 SETUP = "query.setup"
@@ -305,16 +305,23 @@ class CheckPeers:
 
 
 def pack_evidence(evidence: PeerEvidence) -> RecordDict:
-    return RecordDict({"evidence": named_arrays({"items": evidence.items.astype(np.int32), "wrong": evidence.wrong.astype(np.int32)})})
+    counts = {"items": evidence.items, "wrong": evidence.wrong, "rank-items": evidence.rank_items, "rank-wrong": evidence.rank_wrong}
+    return RecordDict({"evidence": named_arrays({name: a.astype(np.int32) for name, a in counts.items()})})
 
 
 def unpack_evidence(content: RecordDict) -> PeerEvidence:
-    """A client's peer evidence, checked: counts of the right shape, never negative, never more wrong than items."""
-    arrays = record_named_arrays(content["evidence"])
-    items, wrong = arrays["items"].astype(np.int64), arrays["wrong"].astype(np.int64)
-    if items.ndim != 2 or items.shape[1] != NUM_BINS or wrong.shape != items.shape or (wrong < 0).any() or (wrong > items).any():
-        raise ValueError(f"peer evidence must be two (classes, {NUM_BINS}) count arrays with 0 <= wrong <= items")
-    return PeerEvidence(items, wrong)
+    """A client's peer evidence, checked: counts of the right shapes, never negative, never more wrong
+    than items, the same items by score and by rank."""
+    arrays = {name: a.astype(np.int64) for name, a in record_named_arrays(content["evidence"]).items()}
+    items, wrong = arrays.get("items", np.zeros(0)), arrays.get("wrong", np.zeros(0))
+    rank_items, rank_wrong = arrays.get("rank-items", np.zeros(0)), arrays.get("rank-wrong", np.zeros(0))
+    if (items.ndim != 2 or items.shape[1] != NUM_BINS or wrong.shape != items.shape or rank_items.shape != (RANK_BINS,)
+            or rank_wrong.shape != (RANK_BINS,) or min(wrong.min(initial=0), rank_wrong.min(initial=0)) < 0
+            or (wrong > items).any() or (rank_wrong > rank_items).any()
+            or items.sum() != rank_items.sum() or wrong.sum() != rank_wrong.sum()):
+        raise ValueError(f"peer evidence must be (classes, {NUM_BINS}) and ({RANK_BINS},) count arrays of the same items "
+                         "with 0 <= wrong <= items")
+    return PeerEvidence(items, wrong, rank_items, rank_wrong)
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ def run(grid: Grid, cfg: RunConfig, tiers: Tiers, folder: RunFolder, started: fl
         with stopwatch(timings, "setup"):
             info = phases.setup(exchange, grid, cfg)
             cluster_of = {n: i.cluster_id for n, i in info.items()}
-            peers = PeerCoordinator(cfg.p2p_neighbours, cfg.p2p_neighbour_k, cfg.p2p_max_error, cfg.peer_costs) if cfg.p2p else None
+            peers = PeerCoordinator(cfg.p2p_neighbours, cfg.p2p_neighbour_k, cfg.p2p_max_error, cfg.peer_costs, cfg.p2p_beat_threshold) if cfg.p2p else None
             aggregator = tiers.aggregator(cluster_of, cfg.min_cluster_clients, {n: i.partition_id for n, i in info.items()})
             state = Run(cfg, exchange, oracle, info, aggregator, peers, progress or checkpoint.Progress(), folder.checkpoint)
             state.restore_server_state()

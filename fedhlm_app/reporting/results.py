@@ -185,6 +185,7 @@ def _p2p_block(
             "held_out_items": held_out[0],
             "held_out_accepted": held_out[1],
             "held_out_wrong": held_out[2],
+            "held_out_wrong_if_threshold_raised": peers.evidence[cluster].wrong_if_threshold_raised(held_out[1]) if thresholds is not None else 0.0,
         }
     with_p2p, without = policies["fedhlm"], policies["fedhlm_no_p2p"]
     return {
@@ -193,6 +194,7 @@ def _p2p_block(
         "per_cluster": per_cluster,
         "max_error": cfg.p2p_max_error,
         "costs": {"p2p": cfg.p2p_cost, "llm": cfg.llm_cost, "error": cfg.p2p_error_cost},
+        "beat_threshold": cfg.p2p_beat_threshold,
         "with_vs_without": {
             "with_p2p": {"accuracy": with_p2p["accuracy"], "llm_rate": with_p2p["llm_rate"], "llm_bytes": llm_bytes["fedhlm"]},
             "without_p2p": {"accuracy": without["accuracy"], "llm_rate": without["llm_rate"], "llm_bytes": llm_bytes["fedhlm_no_p2p"]},

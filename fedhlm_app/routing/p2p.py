@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedhlm_app.routing.peer_bound import NEVER, PeerCosts, PeerEvidence, worth_trying
+from fedhlm_app.routing.peer_bound import NEVER, PeerCosts, PeerEvidence, beats_raising_threshold, worth_trying
 
 TIERS = ("local", "p2p-own-cluster", "p2p-neighbour", "llm")
 NEIGHBOUR_SCOPES = ("none", "all", "nearest")
@@ -121,9 +121,9 @@ def neighbours(cluster: int, prototypes: dict[int, np.ndarray], scope: str, k: i
 class PeerCoordinator:
     """The edge servers' P2P layer: per-cluster prototypes, held-out evidence and certified thresholds."""
 
-    def __init__(self, scope: str, k: int, max_error: float, costs: PeerCosts) -> None:
+    def __init__(self, scope: str, k: int, max_error: float, costs: PeerCosts, beat_threshold: bool = True) -> None:
         self.scope, self.k = scope, k
-        self.max_error, self.costs = max_error, costs
+        self.max_error, self.costs, self.beat_threshold = max_error, costs, beat_threshold
         self.sums: dict[int, ClassSums] = {}
         self.evidence: dict[int, PeerEvidence] = {}
         self.thresholds: dict[int, np.ndarray] = {}
@@ -166,10 +166,12 @@ class PeerCoordinator:
         self.thresholds = {c: e.certify(self.max_error) for c, e in sorted(totals.items())}
 
     def enabled(self, cluster: int) -> bool:
-        """Opportunistic collaboration: do peers pay for this cluster, false reuse priced in?"""
+        """Opportunistic collaboration: do peers pay for this cluster, false reuse priced in, and (with
+        ``beat_threshold``) do they answer better than raising the threshold would?"""
         if cluster not in self.evidence:
             return False
-        return worth_trying(self.evidence[cluster], self.thresholds[cluster], self.costs)
+        evidence, thresholds = self.evidence[cluster], self.thresholds[cluster]
+        return worth_trying(evidence, thresholds, self.costs) and (not self.beat_threshold or beats_raising_threshold(evidence, thresholds))
 
     def thresholds_of(self, cluster: int) -> np.ndarray:
         return self.thresholds.get(cluster, np.full(0, NEVER))

@@ -74,7 +74,7 @@ def peer_evidence(calibration: Routing, x: np.ndarray, tau: float, prototypes: P
     ids, final = verified_ids[escalated], verified_final[escalated]
     drafts = calibration.drafts[ids]
     own, theirs = peer_scores(x[ids], drafts, prototypes)
-    return PeerEvidence.of(np.maximum(own, theirs), drafts, final != drafts, calibration.probs.shape[1])
+    return PeerEvidence.of(np.maximum(own, theirs), drafts, final != drafts, calibration.uncertainty[ids], calibration.probs.shape[1])
 
 
 def score(tiers: np.ndarray, drafts: np.ndarray, answered_ids: np.ndarray, llm_final: np.ndarray, llm_accepted: np.ndarray,

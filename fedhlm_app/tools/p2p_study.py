@@ -48,7 +48,8 @@ def replay(cfg, run_dir: Path, tau: float, bounds: tuple[float, ...]) -> dict[fl
         placement = Placement.of({"partition-id": pid, "num-partitions": cfg.num_clients}, cfg)
         data = local_data(cfg, placement, "")
         own = local_texts(cfg, placement).own_label_counts() if model.label_counts is not None else None
-        probs = head_outputs(head_from_config(cfg, data.dim, data.num_classes).set_params(model.head), data, own, model.label_counts).probs
+        probs = head_outputs(head_from_config(cfg, data.dim, data.num_classes).set_params(model.head), data, own, model.label_counts,
+                             calibration_as_queries=True).probs
         test = Routing.of(probs["test"], cfg.uncertainty)
         escalated = np.flatnonzero(test.uncertainty > tau)
         batch = EscalationBatch(escalated, [data.test.texts[i] for i in escalated], test.probs[escalated], test.drafts[escalated])

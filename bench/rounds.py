@@ -1,16 +1,18 @@
 """Per-round cost benchmark: a threshold round's wall time as the number of clients grows.
 
-    python bench/rounds.py [--clients 20,200,1000] [--rounds 5] [--engines ray,inprocess]
+    python bench/rounds.py [--clients 20,200,1000] [--rounds 5] [--engines ray,inprocess,floor]
     python bench/rounds.py --clients 1000 --clusters 50 --rounds 30 --engines ray -c "min-partition-size=0"   # paper setting, 1,000 clients
 
 Each point runs the paper's preset with a different ``num-clients`` on the same total data (the
-25,569 training and 7,600 test rows split among more, smaller clients; ``--clusters``, 4 by default), on two engines:
+25,569 training and 7,600 test rows split among more, smaller clients; ``--clusters``, 4 by default), on three engines:
 
 - ``ray``: a real launch (``python -m fedhlm_app.tools.launch``: SuperLink, ``flwr run``, Ray actors), so
   the round includes Flower's simulation engine dispatching every message to a Ray actor;
 - ``inprocess``: the same ServerApp and ClientApps driven in one process
   (``fedhlm_app.tools.inprocess``), so the round is FedHLM's own work: every client's handlers, the
-  LLM's verification, aggregation and accounting.
+  LLM's verification, aggregation and accounting;
+- ``floor``: Flower's Ray engine carrying the same two exchanges per client and round with messages
+  that do no work (``bench/flower_floor.py``): what the engine alone costs at that client count.
 
 A threshold round is two message exchanges with every client (calibrate; then the LLM's feedback
 and a local tau update) plus the LLM's verification and the edge-then-cloud aggregation. The table
@@ -30,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from flower_floor import median_round as floor_round_median
 from main_job import ROOT, launch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as `make run`: the bundled data, no Hub lookups
@@ -56,7 +59,7 @@ def main() -> int:
     parser.add_argument("-c", "--run-config", action="append", default=[], help="extra overrides, as for the launcher")
     parser.add_argument("--preset", default=str(ROOT / "conf" / "paper.toml"))
     parser.add_argument("--cache-dir", default=str(paths.cache_dir("")), help="feature cache (default: the project's, fedhlm_app.paths)")
-    parser.add_argument("--engines", default="ray,inprocess", help="ray and/or inprocess")
+    parser.add_argument("--engines", default="ray,inprocess,floor", help="any of ray, inprocess, floor")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "rounds.json"))
     args = parser.parse_args()
     try:
@@ -64,8 +67,8 @@ def main() -> int:
     except ValueError:
         raise SystemExit(f"bench/rounds.py: --clients must be integers separated by commas, got '{args.clients}'") from None
     engines = args.engines.split(",")
-    if min(counts) < args.clusters or args.rounds < 1 or not set(engines) <= {"ray", "inprocess"}:
-        raise SystemExit("bench/rounds.py: need at least one client per cluster, 1 round, engines ray/inprocess")
+    if min(counts) < args.clusters or args.rounds < 1 or not set(engines) <= {"ray", "inprocess", "floor"}:
+        raise SystemExit("bench/rounds.py: need at least one client per cluster, 1 round, engines ray/inprocess/floor")
 
     results_dir = ROOT / "bench" / "results" / "runs"
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -81,12 +84,14 @@ def main() -> int:
             if engine == "ray":
                 row["ray_run"] = launch(name, args.preset, overrides, cache_dir, results_dir)
                 row["ray_round_s"] = row["ray_run"]["threshold_round_median_s"]
+            elif engine == "floor":
+                row["floor_round_s"] = floor_round_median(n, args.rounds + 1)  # its first round starts the actors
             else:
                 row["inprocess_round_s"] = inprocess_round_median(name, args.preset, overrides, cache_dir, results_dir)
         rows.append(row)
 
     base = rows[0]
-    titles = {"ray": "Ray simulation", "inprocess": "in-process (FedHLM's own work)"}
+    titles = {"ray": "Ray simulation", "inprocess": "in-process (FedHLM's own work)", "floor": "Ray engine, no-op messages"}
     print("| clients | client growth | " + " | ".join(f"{titles[e]}: median round (s) | growth" for e in engines) + " |")
     print("|---|---|" + "---|---|" * len(engines))
     for row in rows:

@@ -48,3 +48,20 @@ def test_acceptance_rate_matches_min_one_ratio():
     q = np.tile([[0.4, 0.6]], (20000, 1))
     verdict = verify(p, q, np.zeros(20000, dtype=int), np.random.default_rng(3))
     assert verdict.accepted.mean() == pytest.approx(0.5, abs=0.02)
+
+
+def test_verifying_every_drafted_token_leaves_the_llm_distribution_exact():
+    """Speculative sampling over a toy vocabulary: drafts drawn from p, every one verified, the final
+    tokens follow q (Pearson's chi-square against q; resampling from q instead of the residual
+    gives a statistic of about 5,000)."""
+    rng = np.random.default_rng(7)
+    vocabulary, n = 12, 40000
+    p_row, q_row = rng.dirichlet(np.ones(vocabulary)), rng.dirichlet(np.ones(vocabulary))
+    p, q = np.tile(p_row, (n, 1)), np.tile(q_row, (n, 1))
+    draft = rng.choice(vocabulary, size=n, p=p_row)
+    final = verify(p, q, draft, rng).final
+    observed = np.bincount(final, minlength=vocabulary)
+    chi2 = float(((observed - n * q_row) ** 2 / (n * q_row)).sum())
+    assert chi2 < 31.26  # the 99.9% quantile of chi-square with 11 degrees of freedom
+    drafted = np.bincount(draft, minlength=vocabulary)  # the drafts themselves do not follow q: the test can tell
+    assert float(((drafted - n * q_row) ** 2 / (n * q_row)).sum()) > 1000

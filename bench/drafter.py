@@ -80,6 +80,13 @@ def tokens_per_second(model, tokenizer, prompts: list[str], layers: int, new_tok
         model.model.layers, model.config.num_hidden_layers = full, count
 
 
+def next_token_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LLM's head on final-norm hidden states, with its logit soft-capping where it has one (Gemma)."""
+    logits = model.lm_head(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def distilled_map(model, tokenizer, texts: list[str], layer: int, epochs: int, seed: int) -> torch.nn.Linear:
     """A linear map (from the identity) before the final norm, trained by KL to the LLM's next-token distribution."""
     hidden, target = [], []
@@ -98,7 +105,7 @@ def distilled_map(model, tokenizer, texts: list[str], layer: int, epochs: int, s
         order = torch.randperm(len(x))
         for i in range(0, len(x), 256):
             batch = order[i : i + 256]
-            logp = torch.log_softmax(model.lm_head(model.model.norm(linear(x[batch]))), -1)
+            logp = torch.log_softmax(next_token_logits(model, model.model.norm(linear(x[batch]))), -1)
             loss = torch.nn.functional.kl_div(logp, logq[batch], log_target=True, reduction="batchmean")
             optimizer.zero_grad()
             loss.backward()
@@ -135,7 +142,7 @@ def main() -> int:
             ids = tokenizer(p, return_tensors="pt").input_ids
             out = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
             continuations.append((ids.shape[1], out[0]))
-        states = [(n, seq, model(seq[None], output_hidden_states=True).hidden_states) for n, seq in continuations]
+        states = [(n, seq, model(seq[None], output_hidden_states=True)) for n, seq in continuations]
 
     exits: dict[str, tuple[int, torch.nn.Module]] = {f"first {k} of {depth} layers": (k, torch.nn.Identity()) for k in layers}
     if args.distill:
@@ -148,9 +155,11 @@ def main() -> int:
     for name, (k, mapping) in exits.items():
         agree, uncertainty = [], []
         with torch.no_grad():
-            for n, seq, hidden in states:
-                h = hidden[k][0, n - 1 : -1]
-                logits = model.lm_head(model.model.norm(mapping(h))) if k < depth else model.lm_head(h)
+            for n, seq, out in states:
+                if k == depth:
+                    logits = out.logits[0, n - 1 : -1]
+                else:
+                    logits = next_token_logits(model, model.model.norm(mapping(out.hidden_states[k][0, n - 1 : -1])))
                 p = torch.softmax(logits, -1)
                 top, arg = p.max(-1)
                 agree.append((arg == seq[n:]).numpy())

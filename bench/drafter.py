@@ -89,10 +89,18 @@ def next_token_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 def distilled_map(model, tokenizer, texts: list[str], layer: int, epochs: int, seed: int) -> torch.nn.Linear:
     """A linear map (from the identity) before the final norm, trained by KL to the LLM's next-token distribution."""
+    encoded = [tokenizer(t, return_tensors="pt", truncation=True, max_length=64).input_ids for t in texts]
+    # the targets are whole next-token distributions, held in memory: refuse before computing them
+    needed = sum(ids.shape[1] for ids in encoded) * model.config.vocab_size * 4
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > available / 2:
+        raise SystemExit(f"bench/drafter.py: distilling on {len(texts)} texts needs {needed / 1e9:.1f} GB of targets "
+                         f"({model.config.vocab_size:,} tokens in the vocabulary), {available / 1e9:.1f} GB are free: "
+                         "lower --distill-texts")
     hidden, target = [], []
     with torch.no_grad():
-        for t in texts:
-            out = model(tokenizer(t, return_tensors="pt", truncation=True, max_length=64).input_ids, output_hidden_states=True)
+        for ids in encoded:
+            out = model(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[layer][0])
             target.append(torch.log_softmax(out.logits[0], -1))
     x, logq = torch.cat(hidden), torch.cat(target)
@@ -136,6 +144,12 @@ def main() -> int:
     layers = sorted({int(k) for k in args.layers.split(",") if 0 < int(k) < depth})
     prompts = [row[1] for row in ag_news("test", args.prompts)]
 
+    exits: dict[str, tuple[int, torch.nn.Module]] = {f"first {k} of {depth} layers": (k, torch.nn.Identity()) for k in layers}
+    if args.distill:
+        train = [f"{row[1]} {row[2]}" for row in ag_news("train", args.distill_texts)]
+        exits[f"first {args.distill} layers + distilled linear map"] = (args.distill, distilled_map(model, tokenizer, train, args.distill, 4, args.seed))
+    exits[f"the LLM ({depth} layers)"] = (depth, torch.nn.Identity())
+
     continuations = []  # (prompt length, prompt + the LLM's greedy tokens)
     with torch.no_grad():
         for p in prompts:
@@ -143,12 +157,6 @@ def main() -> int:
             out = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
             continuations.append((ids.shape[1], out[0]))
         states = [(n, seq, model(seq[None], output_hidden_states=True)) for n, seq in continuations]
-
-    exits: dict[str, tuple[int, torch.nn.Module]] = {f"first {k} of {depth} layers": (k, torch.nn.Identity()) for k in layers}
-    if args.distill:
-        train = [f"{row[1]} {row[2]}" for row in ag_news("train", args.distill_texts)]
-        exits[f"first {args.distill} layers + distilled linear map"] = (args.distill, distilled_map(model, tokenizer, train, args.distill, 4, args.seed))
-    exits[f"the LLM ({depth} layers)"] = (depth, torch.nn.Identity())
 
     rng = np.random.default_rng(args.seed)
     rows = []

@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
-from fedhlm_app.app.exchange import send_and_receive  # noqa: E402
+from fedhlm_app.app.exchange import send_and_receive, wait_for_nodes  # noqa: E402
 from fedhlm_app.fl.records import arrays_record  # noqa: E402
 from fedhlm_app.fl.simulation_dispatch import index_undelivered  # noqa: E402
 
@@ -53,8 +53,7 @@ def median_round(clients: int, rounds: int) -> float:
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         index_undelivered(grid)
-        while len(nodes := list(grid.get_node_ids())) < clients:
-            time.sleep(0.1)
+        nodes = wait_for_nodes(grid, clients, timeout=600, stall=60)
         for _ in range(rounds):
             started = time.monotonic()
             for kind in ("query.calibrate", "train.threshold"):

@@ -7,6 +7,8 @@ import pytest
 from fedhlm_app.fl.compression import (
     EXACT,
     LEVELS,
+    SCALE_BIAS,
+    SCALE_STEPS,
     SPARSE_MIN_ROWS,
     VALUE_FORMATS,
     Codec,
@@ -30,14 +32,23 @@ def _model(rng, rows=SPARSE_MIN_ROWS * 2, touched=3000):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantization_round_trip_is_within_half_a_step_of_each_row(fmt):
     rng = np.random.default_rng(0)
-    delta = rng.normal(size=(5000, 4)).astype(np.float32) * rng.lognormal(0, 3, size=(5000, 1)).astype(np.float32)
+    # rows whose largest values span 1e-5 to 1e4, within the steps a scale codes
+    delta = rng.normal(size=(5000, 4)).astype(np.float32) * rng.lognormal(-2, 2.5, size=(5000, 1)).astype(np.float32)
     decoded = encode(delta, Codec(fmt)).decode()
     step = np.abs(delta).max(axis=1, keepdims=True) / LEVELS[fmt]
-    # half a step, plus the float16 rounding of the scale (relative 2^-11, absolute 2^-25 below float16's
-    # normal range) times the largest code
-    bound = step / 2 + LEVELS[fmt] * (step * 2.0**-11 + 2.0**-25)
+    # half a step, the step rounded up to a power of 2^(1/8) (at most 9% wider), and never finer than
+    # the smallest step a one-byte scale codes (tiny rows)
+    smallest = 2.0 ** ((1 - SCALE_BIAS) / SCALE_STEPS)
+    bound = np.maximum(step * 2.0 ** (1 / SCALE_STEPS), smallest) / 2 * (1 + 1e-6)
     assert np.all(np.abs(decoded - delta) <= bound)
     assert np.abs(decoded - delta).max() > 0  # it is lossy: the bound is what is tested
+
+
+def test_a_row_beyond_the_largest_step_is_clipped_not_wrapped():
+    largest_step = 2.0 ** ((255 - SCALE_BIAS) / SCALE_STEPS)
+    delta = np.array([[1e9, -1e9, 0.0, 1.0]], np.float32)
+    decoded = encode(delta, Codec("int4")).decode()
+    np.testing.assert_allclose(decoded[0, :2], [7 * largest_step, -7 * largest_step])
 
 
 def test_fp16_round_trip_is_relative_and_fp32_is_exact():

@@ -6,8 +6,11 @@ the rows it changes and their values in one of ``VALUE_FORMATS``:
 
 - ``fp32`` exact, ``fp16`` half precision;
 - ``int8`` / ``int4``: each row's values as signed integers of 127 / 7 levels times the row's
-  scale (float16), int4 packed two to a byte: a value is off by at most half a step (the row's
-  largest value / levels / 2) plus the float16 rounding of the scale.
+  scale, int4 packed two to a byte. The scale travels as one byte, a power of ``2^(1/8)``
+  (``SCALE_STEPS``) rounded up from the row's largest value / levels: a value is off by at most half
+  a step, and a step is at most 9% (``2^(1/8)``) wider than the row's largest value / levels.
+  Rows of the n-gram table are 4 values wide, so a float16 scale was as large as the row's int4
+  values (2 bytes); one byte saves a fifth of what a row costs on the wire.
 
 What travels is a *delta* from a model both ends hold, and only its largest rows: a sender keeps
 the ``share`` of its changed rows with the largest L2 norm, in tables of at least
@@ -28,6 +31,8 @@ import numpy as np
 
 VALUE_FORMATS = ("fp32", "fp16", "int8", "int4")
 LEVELS = {"int8": 127, "int4": 7}
+# a scale code e in 1..255 is the step 2^((e - SCALE_BIAS) / SCALE_STEPS), from 1.2e-6 to 4096; 0: a row of zeros
+SCALE_STEPS, SCALE_BIAS = 8, 159
 SPARSE_MIN_ROWS = 4096
 Params = list[np.ndarray]
 
@@ -68,7 +73,7 @@ class RowTable:
     values: str
     rows: np.ndarray | None
     codes: np.ndarray  # fp32/fp16: (rows, width); int8: (rows, width); int4: packed nibbles, uint8
-    scales: np.ndarray  # float16 per row for int8/int4, else empty
+    scales: np.ndarray  # a scale code (uint8) per row for int8/int4, else empty
 
     @property
     def num_rows(self) -> int:
@@ -106,21 +111,34 @@ def _dequantize(codes: np.ndarray, scales: np.ndarray, fmt: str, count: int, wid
     if fmt in LEVELS:
         if scales.shape != (count,):
             raise ValueError(f"{len(scales)} scales for {count} rows")
-        return codes.astype(np.float32) * scales.astype(np.float32)[:, None]
+        return codes.astype(np.float32) * scale_values(scales)[:, None]
     return codes.astype(np.float32)
 
 
+def scale_values(codes: np.ndarray) -> np.ndarray:
+    """The float32 steps that one-byte scale codes stand for (code 0: zero)."""
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint8:
+        raise ValueError(f"scale codes must be uint8, got {codes.dtype}")
+    steps = np.exp2((codes.astype(np.float32) - SCALE_BIAS) / SCALE_STEPS)
+    return np.where(codes > 0, steps, 0.0).astype(np.float32)
+
+
 def _quantize(values: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, scales) of float32 rows."""
+    """(codes, scale codes) of float32 rows."""
     if fmt == "fp32":
-        return values.astype(np.float32), np.zeros(0, np.float16)
+        return values.astype(np.float32), np.zeros(0, np.uint8)
     if fmt == "fp16":
-        return values.astype(np.float16), np.zeros(0, np.float16)
+        return values.astype(np.float16), np.zeros(0, np.uint8)
     levels = LEVELS[fmt]
-    # float16 scales: a row's largest value over the levels, clipped to float16's range; a row whose scale
-    # underflows to 0 is below 1e-7 and is sent as zeros (error feedback keeps it)
-    scales = np.minimum(np.abs(values).max(axis=1) / levels, np.finfo(np.float16).max).astype(np.float16)
-    safe = np.where(scales > 0, scales.astype(np.float32), np.inf)
+    # the step rounded up to a power of 2^(1/8), so the row's largest value still fits in the levels;
+    # a row above the largest step is clipped and one below the smallest rounds to few levels (error
+    # feedback keeps what is lost in both)
+    largest = np.abs(values).max(axis=1) / levels
+    with np.errstate(divide="ignore"):
+        exponent = np.ceil(SCALE_STEPS * np.log2(largest)) + SCALE_BIAS
+    scales = np.where(largest > 0, np.clip(exponent, 1, 255), 0).astype(np.uint8)
+    safe = np.where(scales > 0, scale_values(scales), np.inf)
     codes = np.clip(np.rint(values / safe[:, None]), -levels, levels).astype(np.int8)
     if fmt == "int4":
         flat = (codes.ravel() + 8).astype(np.uint8)

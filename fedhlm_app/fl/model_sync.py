@@ -61,10 +61,10 @@ class ModelDelta:
             meta += [VALUE_FORMATS.index(t.values), -1 if t.rows is None else len(t.rows), packed.size, raw.size, len(t.shape), *t.shape]
             rows.append(packed)
             codes.append(raw)
-            scales.append(t.scales.astype(np.float16))
+            scales.append(np.asarray(t.scales, np.uint8))
         cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
         return {"meta": np.array(meta, np.int64), "rows": cat(rows, np.uint8), "codes": cat(codes, np.uint8),
-                "scales": cat(scales, np.float16)}
+                "scales": cat(scales, np.uint8)}
 
     @staticmethod
     def from_arrays(arrays: dict[str, np.ndarray]) -> ModelDelta:

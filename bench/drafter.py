@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from fedhlm_app.oracle.causal_lm import locate_model  # noqa: E402
+from fedhlm_app.oracle.causal_lm import load_causal_lm  # noqa: E402
 
 KEEP_SHARES = (0.25, 0.5, 0.75, 0.9)
 
@@ -134,12 +134,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "drafter.json"))
     args = parser.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, gguf = locate_model(args.model)
-    extra = {"gguf_file": gguf} if gguf else {}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval().requires_grad_(False)
+    tokenizer, model = load_causal_lm(args.model)
+    model.requires_grad_(False)
     depth = model.config.num_hidden_layers
     layers = sorted({int(k) for k in args.layers.split(",") if 0 < int(k) < depth})
     prompts = [row[1] for row in ag_news("test", args.prompts)]

@@ -64,19 +64,26 @@ def locate_model(name: str) -> tuple[str, str | None]:
     raise ConfigError(f"oracle-model '{name}': not smollm2, gemma3, a .gguf file or a checkpoint folder")
 
 
+def load_causal_lm(name: str) -> tuple[Any, Any]:
+    """(tokenizer, float32 model in eval mode) of a model name, a .gguf file or a checkpoint folder
+    (``locate_model``); GGUF weights are dequantized on load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf = locate_model(name)
+    extra = {"gguf_file": gguf} if gguf else {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
+
+
 class CausalLMOracle(ModelOracle):
     """q from a causal LM's next-token logits over the label names."""
 
     def __init__(self, model: str, prompt: LabelPrompt, seed: int, cache_dir: str, batch_size: int) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         folder, gguf = locate_model(model)
-        extra = {"gguf_file": gguf} if gguf else {}
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+        self.tokenizer, self.model = load_causal_lm(model)
         self.tokenizer.padding_side = "left"  # the next token is then always at position -1
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
         self.prompt = prompt
         self.chat = getattr(self.tokenizer, "chat_template", None) is not None
         self.label_tokens = self._label_tokens()
@@ -156,12 +163,11 @@ def export_hf_folder(model: str, dest: Path) -> Path:
 
     OpenAI-compatible servers such as ``transformers serve`` load such folders, not GGUF files.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    folder, gguf = locate_model(model)
-    if gguf is None:
+    if locate_model(model)[1] is None:
         raise ConfigError(f"'{model}' is already a checkpoint folder")
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    tokenizer, loaded = load_causal_lm(model)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")  # dequantized on load: save plain weights
@@ -169,7 +175,7 @@ def export_hf_folder(model: str, dest: Path) -> Path:
     plain.load_state_dict(loaded.state_dict())
     dest.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(dest)
-    AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
     return dest
 
 

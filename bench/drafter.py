@@ -41,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from fedhlm_app.generation.models import next_token_logits  # noqa: E402
 from fedhlm_app.oracle.causal_lm import load_causal_lm  # noqa: E402
 
 KEEP_SHARES = (0.25, 0.5, 0.75, 0.9)
@@ -78,13 +79,6 @@ def tokens_per_second(model, tokenizer, prompts: list[str], layers: int, new_tok
         return produced / (time.perf_counter() - started)
     finally:
         model.model.layers, model.config.num_hidden_layers = full, count
-
-
-def next_token_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The LLM's head on final-norm hidden states, with its logit soft-capping where it has one (Gemma)."""
-    logits = model.lm_head(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def distilled_map(model, tokenizer, texts: list[str], layer: int, epochs: int, seed: int) -> torch.nn.Linear:

@@ -27,8 +27,12 @@ class Verdict:
 def rejection_probability(p: np.ndarray, q: np.ndarray, draft: np.ndarray) -> np.ndarray:
     """beta = max(0, 1 - q_d / p_d) for each row."""
     rows = np.arange(len(draft))
-    p_d = np.asarray(p, dtype=np.float64)[rows, draft]
-    q_d = np.asarray(q, dtype=np.float64)[rows, draft]
+    return rejection_of(np.asarray(p)[rows, draft], np.asarray(q)[rows, draft])
+
+
+def rejection_of(p_d: np.ndarray, q_d: np.ndarray) -> np.ndarray:
+    """beta = max(0, 1 - q_d / p_d) from the two probabilities of the drafts (1 where p_d is 0)."""
+    p_d, q_d = np.asarray(p_d, dtype=np.float64), np.asarray(q_d, dtype=np.float64)
     ratio = np.divide(q_d, p_d, out=np.zeros_like(q_d), where=p_d > 0)
     return np.clip(1.0 - ratio, 0.0, 1.0)
 

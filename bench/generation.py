@@ -35,24 +35,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from drafter import ag_news  # noqa: E402
 
+from fedhlm_app.config import validate  # noqa: E402
 from fedhlm_app.generation import policies  # noqa: E402
 from fedhlm_app.generation.models import EarlyExitPair  # noqa: E402
 from fedhlm_app.generation.tokens import decode, metrics  # noqa: E402
 from fedhlm_app.reporting.evaluation import uhlm_threshold  # noqa: E402
 from fedhlm_app.routing.threshold import ThresholdConfig, exploration_mask, local_update  # noqa: E402
 from fedhlm_app.slm.uncertainty import margin, temperature_perturbation  # noqa: E402
-
-# the app's defaults (pyproject.toml): how a client learns its threshold
-APP = {"tau_init": 0.9, "rounds": 30, "band": 0.1, "cfg": ThresholdConfig(kappa=20.0, lam=0.375, lr=0.2, local_steps=5)}
+from fedhlm_app.tools.launch import merged_config  # noqa: E402
 
 
 def learn_threshold(h: np.ndarray, beta: np.ndarray) -> float:
-    """The app's threshold rounds for one client: feedback only on the tokens sent (above tau minus
-    the exploration band), remembered across rounds; the loss is normalised by all tokens."""
-    tau, known = APP["tau_init"], np.zeros(len(h), bool)
-    for _ in range(APP["rounds"]):
-        known |= exploration_mask(h, tau, APP["band"])
-        tau = local_update(tau, h[known], beta[known], APP["cfg"], len(h))
+    """The app's threshold rounds (its defaults in pyproject.toml) for one client: feedback only on
+    the tokens sent (above tau minus the exploration band), remembered across rounds; the loss is
+    normalised by all tokens."""
+    app = validate(merged_config([], []))
+    cfg = ThresholdConfig(kappa=app.kappa, lam=app.lambda_, lr=app.threshold_lr, local_steps=app.threshold_local_steps)
+    tau, known = app.tau_init, np.zeros(len(h), bool)
+    for _ in range(app.threshold_rounds):
+        known |= exploration_mask(h, tau, app.exploration_band)
+        tau = local_update(tau, h[known], beta[known], cfg, len(h))
     return tau
 
 

@@ -147,6 +147,7 @@ def decode(prompts: list[list[int]], models: NextTokens, transmit: Transmit, unc
     """
     sequences = [list(p) for p in prompts]
     trace = Trace.empty()
+    sent_bytes = TOKEN_ID_BYTES + k * (TOKEN_ID_BYTES + PROB_BYTES)  # a transmitted token: its id and its top-k
     for _ in range(new_tokens):
         p, q = models(sequences)
         draft = TopK.of(p, k)
@@ -168,7 +169,7 @@ def decode(prompts: list[list[int]], models: NextTokens, transmit: Transmit, unc
             trace.rejected.append(bool(sent[i] and not verdict.accepted[i]))
             trace.tv.append(float(tv[i]))
             trace.llm_logprob.append(float(np.log(max(q[i, emitted[i]], 1e-300))))
-            trace.draft_bytes.append(k * (TOKEN_ID_BYTES + PROB_BYTES) + TOKEN_ID_BYTES if sent[i] else 0)
+            trace.draft_bytes.append(sent_bytes if sent[i] else 0)
     return [s[len(p):] for s, p in zip(sequences, prompts)], trace
 
 

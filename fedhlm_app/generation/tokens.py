@@ -121,9 +121,8 @@ Transmit = Callable[[Step], np.ndarray]  # (n,) bool: which drafted tokens go to
 
 @dataclass
 class Trace:
-    """Per generated token (rows in generation order), what the metrics need."""
+    """Per generated token (step by step, each step's sequences in order), what the metrics need."""
 
-    sequence: list[int]
     uncertainty: list[float]
     transmitted: list[bool]
     beta: list[float]  # the LLM's rejection probability of the draft (computed for every token)
@@ -134,7 +133,7 @@ class Trace:
 
     @classmethod
     def empty(cls) -> Trace:
-        return cls([], [], [], [], [], [], [], [])
+        return cls([], [], [], [], [], [], [])
 
 
 def decode(prompts: list[list[int]], models: NextTokens, transmit: Transmit, uncertainty: Callable[[np.ndarray], np.ndarray],
@@ -162,7 +161,6 @@ def decode(prompts: list[list[int]], models: NextTokens, transmit: Transmit, unc
             tv = 0.5 * np.abs(draft.dense(q.shape[1]) - q).sum(axis=1) * ~sent
         for i, seq in enumerate(sequences):
             seq.append(int(emitted[i]))
-            trace.sequence.append(i)
             trace.uncertainty.append(float(h[i]))
             trace.transmitted.append(bool(sent[i]))
             trace.beta.append(float(verdict.beta[i]))

@@ -32,7 +32,6 @@ class EarlyExitPair:
     """
 
     def __init__(self, model: str, layers: int) -> None:
-        self.name = model
         self.tokenizer, self.model = load_causal_lm(model)
         self.model.requires_grad_(False)
         depth = self.model.config.num_hidden_layers

@@ -146,10 +146,10 @@ def decode(prompts: list[list[int]], models: NextTokens, transmit: Transmit, unc
     """
     sequences = [list(p) for p in prompts]
     trace = Trace.empty()
-    sent_bytes = TOKEN_ID_BYTES + k * (TOKEN_ID_BYTES + PROB_BYTES)  # a transmitted token: its id and its top-k
     for _ in range(new_tokens):
         p, q = models(sequences)
         draft = TopK.of(p, k)
+        sent_bytes = TOKEN_ID_BYTES + draft.nbytes // len(draft)  # a transmitted token: its id and its top-k
         drafts = draft.ids[:, 0] if greedy else draft.sample(rng)
         verdict = verify_greedy(q, drafts) if greedy else verify_sampled(draft, q, drafts, rng)
         h = uncertainty(p)
